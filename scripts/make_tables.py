@@ -1,0 +1,38 @@
+"""Render the paper's Tables 1-6 (Markdown + CSV) from a folder of evaluation result JSONs and print them.
+
+A thin entry point over `vdg.eval.tables.make_tables`; it must hold no table logic of its own.
+
+    python scripts/make_tables.py RESULTS_DIR [--out DIR] [--tables table1,table4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without `pip install -e .`
+
+from vdg.eval.tables import TABLE_NAMES, make_tables  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render the paper's tables from evaluation result JSONs.")
+    parser.add_argument("results_dir", type=Path, help="folder searched recursively for result *.json")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS_DIR/tables)")
+    parser.add_argument("--tables", default=",".join(TABLE_NAMES), help="comma-separated, e.g. table1,table4")
+    args = parser.parse_args(argv)
+    names = [name.strip() for name in args.tables.split(",") if name.strip()]
+    try:
+        paths = make_tables(args.results_dir, args.out, names)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    for file_name, path in paths.items():
+        if file_name.endswith(".md"):
+            print(path.read_text(encoding="utf-8"))
+    print(f"wrote {len(paths)} files to {next(iter(paths.values())).parent}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Tests for the paper-number transcription and the paper-layout tables built from result JSONs.
+
+Fixture records are written into tmp_path by the tests; nothing here reads real runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vdg.eval.paper_results import (
+    DENSE_FLOPS,
+    PAPER_TABLES,
+    TABLE1,
+    TABLE2,
+    TABLE3,
+    TABLE4,
+    TABLE5,
+    TABLE6,
+    CellKey,
+    PaperValue,
+)
+from vdg.eval.tables import (
+    build_table,
+    load_results,
+    make_tables,
+    record_key,
+    render_csv,
+    render_markdown,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+_STL10_KNN = {
+    "protocol": "knn",
+    "k": 1,
+    "distance": "euclidean",
+    "pretrain_dataset": "stl10",
+    "dataset": "stl10",
+}
+
+
+def _record(method: str, branch: str, budget: float, value: float, **extra: Any) -> dict[str, Any]:
+    """A linear-eval CIFAR-10 record of the evaluation scripts' schema; `extra` overrides any field."""
+    record: dict[str, Any] = {
+        "protocol": "linear",
+        "method": method,
+        "method_config": {"invariance_weight": 25.0},
+        "pretrain_dataset": "cifar10",
+        "dataset": "cifar10",
+        "budget": budget,
+        "seed": 5,
+        "branch": branch,
+        "metric": "top1",
+        "value": value,
+        "std": 0.0,
+        "runs": [value],
+        "seeds": [0],
+        "flops_reduction": 0.0,
+        "dense_macs": 703560448,
+        "gated_macs": 703560448,
+        "ckpt": "runs/x/last.ckpt",
+        "config_hash": "ab12cd34",
+    }
+    record.update(extra)
+    return record
+
+
+def _write(folder: Path, records: list[dict[str, Any]]) -> Path:
+    for i, record in enumerate(records):
+        path = folder / record["protocol"] / f"{record['method']}_{i}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+    return folder
+
+
+def _cifar10_table1_records() -> list[dict[str, Any]]:
+    """Every Table 1 CIFAR-10 cell; the 30% VDG gated cell has two pretraining seeds of two runs each."""
+    records = [_record("vicreg", "dense", 0.3, 91.1, runs=[91.0, 91.2], std=0.14)]
+    for budget, b2, b2_fr, dense in [
+        (0.1, 87.75, 0.8592, 88.99),
+        (0.3, 89.49, 0.6927, 90.38),
+        (0.5, 90.7, 0.5162, 90.2),
+    ]:
+        records.append(_record("vicreg_gating", "gated", budget, b2, flops_reduction=b2_fr))
+        records.append(_record("vdg", "dense", budget, dense))
+    records += [
+        _record("vdg", "gated", 0.1, 89.0, runs=[88.9, 89.1], flops_reduction=0.8100),
+        _record("vdg", "gated", 0.30000001, 90.25, runs=[90.2, 90.3], seed=0, flops_reduction=0.6650),
+        _record("vdg", "gated", 0.3, 90.35, runs=[90.3, 90.4], seed=1, flops_reduction=0.6636),
+        _record("vdg", "gated", 0.5, 90.4, flops_reduction=0.4902),
+    ]
+    return records
+
+
+def _md_row(markdown: str, *labels: str) -> list[str]:
+    """The cells of the Markdown row whose first cells are `labels`."""
+    prefix = "| " + " | ".join(labels) + " |"
+    (line,) = [line for line in markdown.splitlines() if line.startswith(prefix)]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+# ---- paper numbers -----------------------------------------------------------------------------------------
+
+
+def test_paper_spot_values() -> None:
+    assert TABLE1[CellKey("vdg", "gated", "cifar10", "cifar10", 0.3)] == PaperValue(90.27, 0.03, 66.43)
+    assert TABLE1[CellKey("vicreg", "dense", "stl10", "stl10")] == PaperValue(86.15, 0.10)
+    assert TABLE1[CellKey("vicreg_gating", "gated", "imagenet100", "imagenet100", 0.5)] == PaperValue(
+        75.83, 0.07, 50.11
+    )
+    assert TABLE2[CellKey("vdg", "gated", "cifar100", "imagenet100", 0.5)].top1 == 40.68
+    assert CellKey("vdg", "dense", "imagenet100", "stl10", 0.1) not in TABLE2  # printed "-"
+    assert TABLE3[CellKey("seed", "gated", "imagenet1k", "imagenet100", 0.5)].top1 == 67.50
+    assert TABLE3[CellKey("vdg", "gated", "cifar100", "cifar100", 0.1)].top1 == 56.57
+    assert TABLE4[CellKey("bt_dual", "gated", "stl10", "stl10", 0.3)] == PaperValue(76.02, None, 64.12)
+    assert TABLE5[CellKey("vdg_2x", "dense", "cifar100", "cifar100", 0.1)].top1 == 53.85
+    assert TABLE6[CellKey("vdg_no_invariance", "gated", "stl10", "stl10", 0.1)] == PaperValue(
+        18.02, flops_reduction=90.71
+    )
+    assert DENSE_FLOPS == {"cifar10": 7.03e8, "stl10": 3.33e8, "cifar100": 7.03e8, "imagenet100": 1.81e9}
+
+
+def test_paper_table_sizes_and_shared_knn_numbers() -> None:
+    sizes = {name: len(cells) for name, cells in PAPER_TABLES.items()}
+    # T1: 4 VICReg + 11 rows x 3; T2: 6 VICReg + 3 pairs x 6 + 3 pairs x 4 (no 10%); T3: 15; T4-6: 2 x 12
+    assert sizes == {"table1": 37, "table2": 36, "table3": 15, "table4": 24, "table5": 24, "table6": 24}
+    key = CellKey("vdg", "gated", "cifar100", "cifar100", 0.5)
+    assert TABLE4[key] == TABLE5[key] == TABLE6[key] == PaperValue(57.25, flops_reduction=49.06)
+    assert TABLE1[key].flops_reduction == 49.06  # Table 1's linear probe shares the checkpoint's F_R
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+
+
+def test_load_results_recurses_and_skips_foreign_json(tmp_path: Path) -> None:
+    _write(tmp_path, [_record("vdg", "gated", 0.3, 90.0)])
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "deep" / "er" / "r.json").write_text(json.dumps(_record("vdg", "dense", 0.3, 89.0)))
+    (tmp_path / "args.json").write_text(json.dumps({"lr": 0.3}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert sorted(r["branch"] for r in load_results(tmp_path)) == ["dense", "gated"]
+
+
+def test_corrupt_json_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "broken_record.json").write_text('{"protocol": "linear", ')
+    with pytest.raises(ValueError, match="broken_record.json"):
+        load_results(tmp_path)
+    with pytest.raises(ValueError, match="broken_record.json"):
+        make_tables(tmp_path)
+
+
+def test_missing_results_dir_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_results(tmp_path / "nope")
+
+
+def test_record_key() -> None:
+    assert record_key(_record("vicreg", "dense", 0.3, 91.0)).budget is None  # VICReg's budget is irrelevant
+    no_inv = _record("vdg", "gated", 0.1, 6.0, method_config={"invariance_weight": 0.0})
+    assert record_key(no_inv) == CellKey("vdg_no_invariance", "gated", "cifar10", "cifar10", 0.1)
+    assert record_key(_record("vdg", "gated", 0.1, 6.0)).model == "vdg"
+
+
+# ---- tables -----------------------------------------------------------------------------------------------
+
+
+def _table1_markdown(folder: Path) -> str:
+    return render_markdown(build_table("table1", load_results(_write(folder, _cifar10_table1_records()))))
+
+
+def test_table1_cifar10_exact_cells(tmp_path: Path) -> None:
+    markdown = _table1_markdown(tmp_path)
+    assert _md_row(markdown, "CIFAR-10", "30%") == [
+        "CIFAR-10", "30%",
+        "91.10 ± 0.14", "91.11 ± 0.03", "-0.01",  # VICReg dense
+        "7.04E8", "7.03E8", "+0.08%",  # dense FLOPs
+        "89.49", "89.49 ± 0.04", "+0.00",  # VICReg-Gating gated
+        "69.27%", "69.27%", "+0.00",  # its FLOPs R.
+        "90.38", "90.38 ± 0.04", "+0.00",  # VDG dense
+        "90.30 ± 0.08", "90.27 ± 0.03", "+0.03",  # VDG gated: 4 runs over 2 seeds, t_d 0.30000001 included
+        "66.43%", "66.43%", "+0.00",  # VDG FLOPs R.
+    ]  # fmt: skip
+    vdg_gated_10 = _md_row(markdown, "CIFAR-10", "10%")[17:23]  # VDG gated and its FLOPs R.
+    assert vdg_gated_10 == ["89.00 ± 0.14", "88.94 ± 0.06", "+0.06", "81.00%", "81.49%", "-0.49"]
+    vdg_50 = _md_row(markdown, "CIFAR-10", "50%")[14:20]
+    assert vdg_50 == ["90.20", "90.20 ± 0.02", "+0.00", "90.40", "90.40 ± 0.06", "+0.00"]
+
+
+def test_missing_runs_show_a_dash(tmp_path: Path) -> None:
+    markdown = _table1_markdown(tmp_path)
+    stl = _md_row(markdown, "STL-10", "10%")
+    assert stl[2:8] == ["—", "86.15 ± 0.10", "—", "—", "3.33E8", "—"]
+    assert stl[-3:] == ["—", "78.34%", "—"]
+    empty = build_table("table2", [])
+    imagenet_to_stl = empty.rows[3]
+    assert imagenet_to_stl[:5] == ["ImageNet-100 → STL-10", "—", "72.80", "—", "—"]
+    assert imagenet_to_stl[5:8] == ["—", "—", "—"]  # the paper printed "-" for t_d 10%
+
+
+def test_seeds_aggregate_to_mean_and_std() -> None:
+    knn = _STL10_KNN
+    records = [
+        _record("bt_dual", "dense", 0.5, 76.0, seed=1, runs=None, **knn),
+        _record("bt_dual", "dense", 0.5, 77.0, seed=2, runs=None, **knn),
+    ]
+    row = build_table("table4", records).rows[5]
+    assert row[:5] == ["STL-10", "50%", "76.50 ± 0.71", "76.99", "-0.49"]
+
+
+def test_other_protocols_do_not_leak(tmp_path: Path) -> None:
+    leak = {"pretrain_dataset": "cifar100", "dataset": "cifar100", "flops_reduction": 0.5}
+    records = [
+        _record("vdg", "gated", 0.3, 11.0, protocol="knn", k=1, distance="euclidean", **leak),
+        _record("vdg", "gated", 0.3, 22.0, protocol="transfer", **leak),
+        _record("vdg", "gated", 0.3, 33.0, protocol="knn", k=20, distance="euclidean", **leak),
+        _record("vdg", "gated", 0.3, 44.0, protocol="knn", k=1, distance="cosine", **leak),
+        _record("vdg", "gated", 0.3, 55.0, **leak),  # linear
+    ]
+    tables = {name: build_table(name, records) for name in ("table1", "table3", "table4")}
+    assert _md_row(render_markdown(tables["table1"]), "CIFAR-100", "30%")[17] == "55.00"
+    assert tables["table3"].rows[11][5:8] == ["44.00", "58.49", "-14.49"]  # l2-normalised k-NN only
+    vdg_cifar100_30 = tables["table4"].rows[1][11:20]  # VICReg-Dual dense, gated, FLOPs R.
+    assert vdg_cifar100_30 == ["—", "56.34", "—", "11.00", "55.53", "-44.53", "50.00%", "66.83%", "-16.83"]
+    assert tables["table3"].rows[0][5:8] == ["n/a", "37.32", "n/a"]  # SimReg: paper only
+
+
+def test_table6_splits_on_invariance_weight() -> None:
+    knn = _STL10_KNN
+    records = [
+        _record("vdg", "gated", 0.1, 76.0, **knn),
+        _record("vdg", "gated", 0.1, 18.0, method_config={"invariance_weight": 0}, **knn),
+    ]
+    row = build_table("table6", records).rows[3]
+    assert row[5:8] == ["76.00", "76.45", "-0.45"]
+    assert row[14:17] == ["18.00", "18.02", "-0.02"]
+
+
+def test_render_csv_matches_table() -> None:
+    table = build_table("table5", [])
+    rows = list(csv.reader(io.StringIO(render_csv(table))))
+    assert rows[0] == table.header and rows[1:] == table.rows
+    dense_header = [f"1×ResNet-18 dense: {part}" for part in ("ours", "paper", "Δ")]
+    assert rows[0][:5] == ["Dataset", "t_d", *dense_header]
+    assert rows[1][:5] == ["CIFAR-100", "10%", "—", "54.92", "—"]
+    assert all(len(row) == len(table.header) for row in rows)
+
+
+def test_unknown_table_name_lists_allowed() -> None:
+    with pytest.raises(ValueError, match="table7.*table1, table2, table3, table4, table5, table6"):
+        build_table("table7", [])
+
+
+def test_make_tables_writes_every_table(tmp_path: Path) -> None:
+    _write(tmp_path, _cifar10_table1_records())
+    paths = make_tables(tmp_path)
+    assert sorted(paths) == sorted(f"table{i}.{ext}" for i in range(1, 7) for ext in ("md", "csv"))
+    assert all(path.parent == tmp_path / "tables" and path.is_file() for path in paths.values())
+    assert "| 90.30 ± 0.08 | 90.27 ± 0.03 | +0.03 |" in paths["table1.md"].read_text(encoding="utf-8")
+    assert sorted(make_tables(tmp_path, tmp_path / "other", ["table4"])) == ["table4.csv", "table4.md"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "scripts/make_tables.py", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+
+
+def test_cli_prints_markdown(tmp_path: Path) -> None:
+    _write(tmp_path, _cifar10_table1_records())
+    done = _cli(str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "### Table 1" in done.stdout and "### Table 6" in done.stdout
+    assert "| 90.30 ± 0.08 | 90.27 ± 0.03 | +0.03 |" in done.stdout
+    assert (tmp_path / "tables" / "table6.csv").is_file()
+    subset = _cli(str(tmp_path), "--out", str(tmp_path / "o"), "--tables", "table4")
+    assert subset.returncode == 0, subset.stderr
+    assert "### Table 4" in subset.stdout and "### Table 1" not in subset.stdout
+    assert sorted(path.name for path in (tmp_path / "o").iterdir()) == ["table4.csv", "table4.md"]
+    bad = _cli(str(tmp_path), "--tables", "table9")
+    assert bad.returncode != 0 and "table9" in bad.stderr

@@ -1,0 +1,61 @@
+"""VICReg loss (Bardes et al., ICLR 2022) with the official VDG code's reductions as the default.
+
+Pure function of two embedding batches; it knows nothing of branches, gates or process groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+VARIANCE_REDUCTIONS = ("sum", "mean")
+
+
+def variance_term(z: Tensor, eps: float = 1e-4, target_std: float = 1.0) -> Tensor:
+    """v(Z) = mean_d relu(target_std - sqrt(Var_unbiased(Z_d) + eps)), Z of shape [N, D]."""
+    std = torch.sqrt(z.var(dim=0) + eps)
+    return torch.relu(target_std - std).mean()
+
+
+def covariance_term(z: Tensor) -> Tensor:
+    """c(Z) = sum_{i != j} Cov(Z)_ij^2 / D with Cov = (Z - mean)^T (Z - mean) / (N - 1)."""
+    n, d = z.shape
+    z = z - z.mean(dim=0)
+    cov = (z.T @ z) / (n - 1)
+    off_diagonal = cov.pow(2).sum() - cov.diagonal().pow(2).sum()
+    return off_diagonal / d
+
+
+def vicreg_loss(
+    z1: Tensor,
+    z2: Tensor,
+    invariance_weight: float = 25.0,
+    variance_weight: float = 25.0,
+    covariance_weight: float = 1.0,
+    eps: float = 1e-4,
+    variance_reduction: str = "sum",
+) -> dict[str, Tensor]:
+    """VICReg between two embedding batches [N, D] (row i of z1 and z2 are views of one image).
+
+    loss = invariance_weight * s(Z1, Z2) + variance_weight * V + covariance_weight * (c(Z1) + c(Z2)), where
+    s is the MSE over N*D elements and V = v(Z1) + v(Z2) with variance_reduction="sum" (the official VDG code,
+    reference §1.7) or (v(Z1) + v(Z2)) / 2 with "mean" (the original VICReg code). The paper's Eq. 1 writes
+    the weights as mu (variance) = 25, nu (covariance) = 25 (code: 1) and eta (invariance) = 1 (code: 25); the
+    defaults here are the code's 25 / 25 / 1.
+
+    Returns a dict with "loss" and the unweighted terms "invariance", "variance", "covariance".
+    Computed in float32 whatever the autocast dtype, as the statistics are precision-sensitive.
+    """
+    if variance_reduction not in VARIANCE_REDUCTIONS:
+        raise ValueError(
+            f"unknown method.variance_reduction {variance_reduction!r}; allowed values: {list(VARIANCE_REDUCTIONS)}"
+        )
+    z1, z2 = z1.float(), z2.float()
+    invariance = F.mse_loss(z1, z2)
+    variance = variance_term(z1, eps) + variance_term(z2, eps)
+    if variance_reduction == "mean":
+        variance = variance / 2
+    covariance = covariance_term(z1) + covariance_term(z2)
+    loss = invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance
+    return {"loss": loss, "invariance": invariance, "variance": variance, "covariance": covariance}

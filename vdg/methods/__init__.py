@@ -1,0 +1,32 @@
+"""Methods: the `METHODS` registry mapping a config name (`method.name`) to its LightningModule class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vdg.methods.base import BaseMethod, StepOutput
+from vdg.methods.vdg import VDG
+from vdg.methods.vicreg import VICReg
+
+METHODS: dict[str, type[BaseMethod]] = {
+    "vicreg": VICReg,
+    "vdg": VDG,
+}
+
+
+def register_method(cls: type[BaseMethod]) -> type[BaseMethod]:
+    """Class decorator adding a method to `METHODS` under `cls.name` (the plugin API for new methods)."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({METHODS[cls.name].__name__})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(cfg: Any) -> BaseMethod:
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ValueError(f"unknown method.name {name!r}; allowed values: {sorted(METHODS)}")
+    return METHODS[name](cfg)
+
+
+__all__ = ["METHODS", "BaseMethod", "StepOutput", "VDG", "VICReg", "build_method", "register_method"]

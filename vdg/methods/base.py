@@ -1,0 +1,196 @@
+"""BaseMethod: the LightningModule plumbing every method shares (backbone, gate regularisers, online probes,
+LARS + schedule, logging). A method subclass only says what is new: its heads and its `ssl_step`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from vdg.losses import bound_annealing, bound_loss, budget_loss
+from vdg.models import BackboneOutput, Branch, GatedResNet, network_cost
+from vdg.optim import LARS, SCHEDULERS, lars_param_groups, warmup_cosine
+
+
+@dataclass
+class StepOutput:
+    """What a method's `ssl_step` returns.
+
+    loss: the total self-supervised (+ gate) loss to minimise.
+    terms: named scalars to log as `train/<name>` (loss terms, FLOPs ratio...); tensors, never floats.
+    features: backbone features per branch (one view each) for the online probes; they are detached here.
+    """
+
+    loss: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    features: dict[Branch, Tensor] = field(default_factory=dict)
+
+
+def build_backbone(cfg: DictConfig, branches: tuple[Branch, ...]) -> GatedResNet:
+    b = cfg.backbone
+    if b.name != "resnet18":
+        raise ValueError(f"unknown backbone.name {b.name!r}; allowed values: ['resnet18']")
+    return GatedResNet(
+        width=int(b.width),
+        stem=cfg.dataset.stem,
+        branches=branches,
+        bn_split=b.bn_split,
+        gate_reduction=int(b.gate_reduction),
+        gate_temperature=float(b.gate_temperature),
+        gate_bias_init=None if b.gate_bias_init is None else float(b.gate_bias_init),
+        zero_init_residual=bool(b.zero_init_residual),
+    )
+
+
+class BaseMethod(pl.LightningModule):
+    """Owns everything but the SSL objective.
+
+    Subclasses set `branches` (the networks the encoder serves), build their heads in `__init__` and
+    implement `ssl_step(views, targets) -> StepOutput`. Gated methods call `gate_terms` for the budget and
+    bound losses. Heads registered as attributes are optimised automatically (LARS groups, see
+    `configure_optimizers`); the online probes get their own group without LARS or weight decay.
+    """
+
+    name: ClassVar[str] = "base"
+    branches: ClassVar[tuple[Branch, ...]] = (Branch.DENSE,)
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+        self.budget = float(cfg.budget)
+        self.backbone = build_backbone(cfg, self.branches)
+        self.cost = network_cost(self.backbone, int(cfg.dataset.image_size))
+        self.probes = nn.ModuleDict()
+        if cfg.probe.enabled and cfg.dataset.get("has_labels", True):
+            for branch in self.branches:
+                self.probes[branch.value] = nn.Linear(self.backbone.feature_dim, int(cfg.dataset.num_classes))
+
+    # ----- the science a subclass provides -------------------------------------------------------------
+    def ssl_step(self, views: list[Tensor], targets: Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    # ----- shared pieces --------------------------------------------------------------------------------
+    def encode(self, x: Tensor, branch: Branch) -> BackboneOutput:
+        if self.cfg.trainer.get("channels_last", False) and x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x, branch)
+
+    @property
+    def bound_p(self) -> float:
+        """Annealing factor p of the bound loss, from the epoch counter (so a resumed run continues it)."""
+        return bound_annealing(self.current_epoch, float(self.cfg.gating.bound_alpha))
+
+    def gate_terms(self, active: Tensor) -> dict[str, Tensor]:
+        """Budget loss (Eq. 3) + bound loss on a batch's active channels [N, blocks]; 'loss' is their sum."""
+        g = self.cfg.gating
+        ratio = self.cost.flops_ratio(active)
+        density = self.cost.channel_density(active)
+        terms = {"flops_ratio": ratio, "budget_loss": budget_loss(ratio, self.budget, float(g.budget_weight))}
+        loss = terms["budget_loss"]
+        if g.bound_loss:
+            terms["bound_loss"] = bound_loss(
+                density, self.budget, self.bound_p, float(g.bound_weight), str(g.bound_target)
+            )
+            loss = loss + terms["bound_loss"]
+        terms["gate_loss"] = loss
+        return terms
+
+    def probe_loss(self, features: dict[Branch, Tensor], targets: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy and accuracy of each branch's online linear probe on detached features."""
+        out: dict[str, Tensor] = {}
+        labelled = targets >= 0
+        for branch, feats in features.items():
+            if branch.value not in self.probes:
+                continue
+            logits = self.probes[branch.value](feats.detach())
+            ce = F.cross_entropy(logits, targets, ignore_index=-1) if labelled.any() else logits.sum() * 0
+            out[f"probe_loss_{branch.value}"] = ce
+            out[f"probe_acc_{branch.value}"] = (logits.argmax(1) == targets).float().mean()
+        return out
+
+    # ----- Lightning hooks ------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        views, targets = batch
+        step = self.ssl_step(list(views), targets)
+        probes = self.probe_loss(step.features, targets)
+        loss = step.loss + sum(v for k, v in probes.items() if k.startswith("probe_loss"))
+        metrics = {f"train/{k}": v.detach() for k, v in {**step.terms, **probes}.items()}
+        metrics["train/loss"] = step.loss.detach()
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=targets.shape[0])
+        if self.backbone.gated:
+            self.log("train/bound_p", self.bound_p, on_step=False, on_epoch=True, batch_size=targets.shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, targets = batch
+        metrics: dict[str, Tensor] = {}
+        for branch in self.branches:
+            out = self.encode(images, branch)
+            if branch.value in self.probes:
+                logits = self.probes[branch.value](out.features)
+                metrics[f"val/acc_{branch.value}"] = (logits.argmax(1) == targets).float().mean() * 100
+            if branch is Branch.GATED:
+                active = out.active_channels()
+                metrics["val/flops_ratio"] = self.cost.flops_ratio(active)
+                for i, d in enumerate(self.cost.channel_density(active).unbind()):
+                    metrics[f"val/density_block{i}"] = d
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=targets.shape[0])
+
+    def on_fit_start(self) -> None:
+        if self.cfg.trainer.get("channels_last", False) and self.device.type == "cuda":
+            self.to(memory_format=torch.channels_last)
+
+    def configure_optimizers(self) -> Any:
+        o, s = self.cfg.optimizer, self.cfg.scheduler
+        if o.name != "lars":
+            raise ValueError(f"unknown optimizer.name {o.name!r}; allowed values: ['lars']")
+        if s.name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler.name {s.name!r}; allowed values: {list(SCHEDULERS)}")
+        scale = int(self.cfg.data.batch_size) / 256 if o.scale_lr else 1.0
+        lr = float(o.lr) * scale
+        modules = [(name, m) for name, m in self.named_children() if name != "probes"]
+        groups = lars_param_groups(modules, float(o.weight_decay), bool(o.exclude_bias_n_norm))
+        if len(self.probes):
+            probe_lr = float(o.classifier_lr) * scale
+            groups.append(
+                {
+                    "name": "probes",
+                    "params": list(self.probes.parameters()),
+                    "lr": probe_lr,
+                    "weight_decay": 0.0,
+                    "lars": False,
+                }
+            )
+        optimizer = LARS(
+            groups,
+            lr=lr,
+            momentum=float(o.momentum),
+            weight_decay=float(o.weight_decay),
+            eta=float(o.eta),
+            clip_lr=bool(o.clip_lr),
+        )
+        if s.name == "constant":
+            return optimizer
+        interval = str(s.interval)
+        steps = (
+            1
+            if interval == "epoch"
+            else max(self.trainer.estimated_stepping_batches // self.trainer.max_epochs, 1)
+        )
+        shape = partial(
+            warmup_cosine,
+            warmup=float(s.warmup_epochs) * steps,
+            total=float(self.trainer.max_epochs) * steps,
+            start_lr=float(s.warmup_start_lr),
+            base_lr=lr,
+            min_lr=float(s.min_lr),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: shape(t) / lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

@@ -1,0 +1,43 @@
+"""Optimisation: the LARS optimizer, parameter grouping and learning-rate schedules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from vdg.optim.lars import LARS
+from vdg.optim.schedule import INTERVALS, SCHEDULERS, warmup_cosine
+
+__all__ = ["LARS", "INTERVALS", "SCHEDULERS", "warmup_cosine", "lars_param_groups"]
+
+
+def lars_param_groups(
+    modules: Iterable[tuple[str, nn.Module]],
+    weight_decay: float,
+    exclude_bias_n_norm: bool = True,
+    no_decay_keywords: tuple[str, ...] = ("gate",),
+) -> list[dict]:
+    """Split parameters the way the official code treats them (reference §1.9).
+
+    - tensors with ndim > 1: LARS + `weight_decay`, except names containing a `no_decay_keywords` entry
+      (the gating networks: LARS but no weight decay);
+    - 1-D tensors (biases, BN scales and shifts) with `exclude_bias_n_norm`: neither LARS nor weight decay.
+    """
+    decay, no_decay, excluded = [], [], []
+    for prefix, module in modules:
+        for name, param in module.named_parameters(prefix=prefix):
+            if not param.requires_grad:
+                continue
+            if exclude_bias_n_norm and param.ndim <= 1:
+                excluded.append(param)
+            elif any(k in name for k in no_decay_keywords):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay, "lars": True},
+        {"name": "gates", "params": no_decay, "weight_decay": 0.0, "lars": True},
+        {"name": "bias_and_norm", "params": excluded, "weight_decay": 0.0, "lars": False},
+    ]
+    return [g for g in groups if g["params"]]
