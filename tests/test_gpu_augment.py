@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +14,15 @@ from vdg.data.recipes import ViewRecipe
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# Identity pipeline (whole-image crop, every probability 0): tests switch single ops on with `replace`.
+ALL_OFF = ViewRecipe(
+    crop_min_scale=1.0,
+    color_jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=0.0,
+    solarize_prob=0.0,
+    flip_prob=0.0,
+)
 
 
 def _images(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -177,23 +186,26 @@ def test_view_output_shape_dtype_and_determinism() -> None:
 
 
 def test_view_normalises_constant_image() -> None:
-    off = ViewRecipe(
-        crop_min_scale=1.0, color_jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=0.0, flip_prob=0.0
-    )
-    augment = ga.GPUViewAugment(off, 32, CIFAR_MEAN, CIFAR_STD)
+    augment = ga.GPUViewAugment(ALL_OFF, 32, CIFAR_MEAN, CIFAR_STD)
     out = augment(torch.full((4, 3, 32, 32), 153, dtype=torch.uint8))
     expected = (153 / 255 - torch.tensor(CIFAR_MEAN)) / torch.tensor(CIFAR_STD)
     torch.testing.assert_close(out, expected.view(1, 3, 1, 1).expand_as(out), atol=1e-5, rtol=0)
 
 
-def test_view_applies_solarize_and_flip_with_certainty() -> None:
-    recipe = ViewRecipe(
-        crop_min_scale=1.0, color_jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=1.0, flip_prob=1.0
-    )
-    augment = ga.GPUViewAugment(recipe, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    expected = TF.horizontal_flip(TF.solarize(images.float() / 255, 0.5))
-    torch.testing.assert_close(augment(images), expected, atol=1e-5, rtol=0)
+def test_view_applies_certain_ops() -> None:
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    floats = images.float() / 255
+    view = lambda recipe: ga.GPUViewAugment(recipe, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))(images)
+    out = view(replace(ALL_OFF, solarize_prob=1.0, flip_prob=1.0))
+    torch.testing.assert_close(out, TF.horizontal_flip(TF.solarize(floats, 0.5)), atol=1e-5, rtol=0)
+    out = view(replace(ALL_OFF, grayscale_prob=1.0))
+    torch.testing.assert_close(out, TF.rgb_to_grayscale(floats, 3), atol=1e-5, rtol=0)
+    # Jitter with brightness only: each image is scaled by its own factor in [0.6, 1.4].
+    out = view(replace(ALL_OFF, color_jitter_prob=1.0, brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0))
+    unclipped = (floats > 0.1) & (floats < 0.7)
+    ratios = [(out[i] / floats[i])[unclipped[i]] for i in range(len(images))]
+    assert all(r.max() - r.min() < 1e-3 and 0.6 - 1e-4 < r.mean() < 1.4 + 1e-4 for r in ratios)
+    assert len({round(r.mean().item(), 4) for r in ratios}) == len(images)
 
 
 def test_forward_never_syncs_with_host() -> None:
@@ -205,23 +217,11 @@ def test_forward_never_syncs_with_host() -> None:
 
 
 def test_multi_view_uses_one_recipe_per_view() -> None:
-    blurred = ViewRecipe(
-        crop_min_scale=1.0,
-        color_jitter_prob=0.0,
-        grayscale_prob=0.0,
-        solarize_prob=0.0,
-        flip_prob=0.0,
-        blur_prob=1.0,
-        blur_sigma_min=2.0,
-        blur_sigma_max=2.0,
-    )
-    plain = ViewRecipe(
-        crop_min_scale=1.0, color_jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=0.0, flip_prob=0.0
-    )
-    augment = ga.GPUMultiViewAugment([plain, blurred], 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    blurred = replace(ALL_OFF, blur_prob=1.0, blur_sigma_min=2.0, blur_sigma_max=2.0)
+    augment = ga.GPUMultiViewAugment([ALL_OFF, blurred], 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     first, second = augment(images)
     torch.testing.assert_close(first, images.float() / 255, atol=1e-5, rtol=0)
+    assert augment.views[1].blur_kernel_size == 13
     expected = TF.gaussian_blur(images.float() / 255, [13, 13], [2.0, 2.0])
     torch.testing.assert_close(second, expected, atol=1e-5, rtol=0)
-    assert math.isclose(augment.views[1].blur_kernel_size, 13)

@@ -50,6 +50,7 @@ def rgb_to_grayscale(images: Tensor) -> Tensor:
 
 
 def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
+    """Scale each image by its factor [N], clamped to [0, 1]."""
     return (images * _per_image(factor)).clamp(0, 1)
 
 
@@ -59,6 +60,7 @@ def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
 
 
 def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
+    """Blend towards each pixel's grayscale: 0 gives grey, 1 the image, > 1 more saturated."""
     return _blend(images, _luma(images), factor)
 
 
@@ -109,9 +111,10 @@ def color_jitter(images: Tensor, factors: Tensor, order: Tensor) -> Tensor:
 def blur_kernel_size(sigma_max: float) -> int:
     """2*ceil(3*sigma_max)+1: a +-3 sigma support, which holds 99.7% of the Gaussian mass.
 
-    The official code uses PIL's GaussianBlur(radius=sigma), whose kernel has no size parameter; a 3-sigma
-    radius makes ours the same blur up to a < 0.3% truncated tail. One size serves the whole batch (one
-    convolution), set by the recipe's largest sigma so it is known without reading the sampled sigmas.
+    The official code blurs with PIL's GaussianBlur(radius=sigma): radius is the standard deviation and there
+    is no kernel size to copy (PIL approximates the Gaussian by box blurs), so we truncate at 3 sigma. One
+    size serves the whole batch (one convolution); it comes from the recipe's largest sigma so that it is
+    known without reading the sampled sigmas back from the device.
     """
     return 2 * math.ceil(3 * sigma_max) + 1
 
@@ -283,6 +286,8 @@ def sample_view_params(
 class GPUViewAugment(nn.Module):
     """One view's pipeline on a batch: crop -> jitter (p) -> gray (p) -> blur (p) -> solarize (p) -> flip (p)
     -> normalise. uint8 [N, 3, H, W] in, float32 [N, 3, size, size] out, on the input's device.
+
+    A batch shares one H x W (CIFAR, STL, or images resized at decode); crops that shrink are not antialiased.
 
     Example: ``GPUViewAugment(ViewRecipe(), 32, CIFAR10_MEAN, CIFAR10_STD)(images_uint8_on_gpu)``.
     """
