@@ -1,16 +1,28 @@
-"""Print the backbone's MACs as one JSON object: `python scripts/flops.py dataset=cifar10 [ckpt=PATH]`."""
+"""Print the backbone's MACs as one JSON object: `python scripts/flops.py dataset=cifar10 [ckpt=PATH]`.
+
+With `ckpt=PATH report=true` also the per-block channel usage of the gated network on the test split, written
+to <checkpoint dir>/results/flops_report.json and channel_usage.png. Options: configs/flops.yaml.
+"""
 
 import json
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from vdg.checkpoint import CheckpointError
+from vdg.config import ConfigError
+from vdg.data.datasets import DataNotFoundError
 from vdg.flops_report import flops_summary
 
 
 @hydra.main(config_path="../configs", config_name="flops", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    print(json.dumps(flops_summary(cfg)))
+    try:
+        summary = flops_summary(cfg)
+    except (CheckpointError, ConfigError, DataNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,51 @@
-"""Pretrain a method: `python scripts/pretrain.py dataset=cifar100 budget=0.3` (Hydra overrides)."""
+"""Pretrain a method: `python scripts/pretrain.py dataset=cifar100 budget=0.3` (Hydra overrides).
+
+Sweeps reproduce the paper's tables: `python scripts/pretrain.py -m +sweep=table1` (configs/sweep/); add
+`dry_run=true` to print one line per job (its overrides and run_dir) and exit. This file wires Hydra to
+`vdg.train.pretrain` and decides which sweep jobs run; it holds no training logic.
+"""
+
+from __future__ import annotations
 
 import json
+import shlex
+import sys
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
-from vdg.train import pretrain
+
+def job_overrides() -> list[str]:
+    """This job's command-line overrides, sweep values included (`dry_run` itself left out)."""
+    return [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") != "dry_run"]
+
+
+def skip_rule(cfg: DictConfig) -> dict[str, Any] | None:
+    """The first `sweep_skip` entry whose every key (a dotted config path) equals this job's value, or None.
+
+    Hydra's basic sweeper runs the full product of `hydra.sweeper.params`; a sweep config lists under
+    `sweep_skip` the combinations the paper did not run (e.g. `{dataset.name: imagenet100, budget: 0.1}`).
+    """
+    for rule in OmegaConf.select(cfg, "sweep_skip", default=None) or []:
+        if all(OmegaConf.select(cfg, str(key)) == value for key, value in rule.items()):
+            return OmegaConf.to_container(rule)
+    return None
 
 
 @hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    overrides = " ".join(shlex.quote(o) for o in job_overrides())
+    rule = skip_rule(cfg)
+    if rule is not None:
+        print(f"skipped (sweep_skip {rule}): {overrides}", file=sys.stderr)
+        return
+    if cfg.dry_run:  # the overrides reproduce the job alone; the shell comment says where it would write
+        print(f"job: {overrides}  # run_dir: {cfg.run_dir}", flush=True)
+        return
+    from vdg.train import pretrain  # imported here so that a dry run lists a sweep without loading torch
+
     summary = pretrain(cfg)
     print(json.dumps(summary, indent=2))
 

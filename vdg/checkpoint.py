@@ -27,10 +27,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        unsafe = [line.strip() for line in str(err).splitlines() if "unsupported global" in line.lower()]
+        if not unsafe:
+            raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a torch checkpoint ({err})") from err
         raise CheckpointError(
             f"refusing to load {path}: it carries pickled Python objects beyond tensors and plain containers, "
-            f"which could run code on load (torch.load weights_only=True rejected it: {str(err).splitlines()[0]})"
-        ) from err
+            f"which could run code on load ({unsafe[0]}; torch.load(weights_only=True) rejected it)"
+        ) from None
     except Exception as err:  # truncated zip, random bytes, ...
         raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a torch checkpoint ({err})") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -77,3 +80,33 @@ def require_branch(model: Any, branch: str | Branch) -> Branch:
             f"branch={branch.value!r} is not in this checkpoint ({model.cfg.method.name} serves {served})"
         )
     return branch
+
+
+# Keys of the pretraining config that define what a run *is*: resuming with any of them changed would silently
+# mix two experiments, so `resume=auto` refuses. Everything else (epochs, workers, logging...) may change.
+RESUME_MUST_MATCH = ("method", "budget", "dataset.name", "dataset.image_size", "dataset.stem", "data.batch_size",
+                     "backbone", "gating", "seed")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], keys=RESUME_MUST_MATCH) -> list[str]:
+    """'key: saved -> current' for every differing leaf under `keys` (dotted paths into the two configs)."""
+    diffs = []
+    for key in keys:
+        a, b = saved, current
+        for part in key.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        flat_a, flat_b = _flatten(a, f"{key}."), _flatten(b, f"{key}.")
+        for leaf in sorted(set(flat_a) | set(flat_b)):
+            if flat_a.get(leaf) != flat_b.get(leaf):
+                diffs.append(f"{leaf}: {flat_a.get(leaf)!r} -> {flat_b.get(leaf)!r}")
+    return diffs

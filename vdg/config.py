@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from vdg.data.datasets import DATASETS
+from vdg.data.gpu_module import BACKENDS
 from vdg.models.resnet import BN_SPLITS, STEMS
 from vdg.optim import INTERVALS
 
-BACKENDS = ("cpu",)
 RESUME_MODES = ("auto", "never")
 
 

@@ -1,5 +1,10 @@
 """What `scripts/flops.py` reports: dense MACs for a dataset's input size, and with a checkpoint the gated
-network's realised MACs over the test split (deterministic gates). Counting itself is `vdg.models.flops`."""
+network's realised MACs over the test split (deterministic gates). Counting itself is `vdg.models.flops`.
+
+With `report=true` it also counts, per block, the channels that are always off, always on or data-dependent
+over the test split (the paper's supplementary figure) and writes flops_report.json + channel_usage.png to
+`<checkpoint dir>/results/`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,31 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vdg.models import Branch, GatedResNet, network_cost
+from vdg.models import Branch, GatedResNet, NetworkCost, network_cost
+
+
+def block_labels(cost: NetworkCost) -> list[str]:
+    """ "(B1,L1)" ... "(B4,L2)": stage and block-in-stage of every block (a stage starts where the width changes)."""
+    labels, stage, index, previous = [], 0, 0, None
+    for block in cost.blocks:
+        if block.channels != previous:
+            stage, index, previous = stage + 1, 0, block.channels
+        index += 1
+        labels.append(f"(B{stage},L{index})")
+    return labels
+
+
+def block_usage(cost: NetworkCost, active_channels: Any, masks: Any) -> list[dict[str, Any]]:
+    """Per block: label, channels, mean active channels, density, always off / always on / data-dependent."""
+    from vdg.eval.features import channel_usage
+
+    mean_active = active_channels.float().mean(dim=0).tolist()
+    rows = []
+    for label, block, usage, active in zip(
+        block_labels(cost), cost.blocks, channel_usage(masks), mean_active, strict=True
+    ):
+        rows.append({"label": label, **usage, "mean_active": active, "density": active / block.channels})
+    return rows
 
 
 def flops_summary(cfg: DictConfig) -> dict[str, Any]:
@@ -23,25 +52,62 @@ def flops_summary(cfg: DictConfig) -> dict[str, Any]:
             "gate_macs": cost.gate_macs,
             "blocks_full_macs": [b.full for b in cost.blocks],
         }
-    from vdg.checkpoint import load_method, require_branch
+    from vdg.checkpoint import require_branch
     from vdg.data.module import eval_loader
     from vdg.eval.features import extract_features, gate_report
+    from vdg.eval.protocols import data_config, load_checkpoint, resolve_device
 
-    model = load_method(cfg.ckpt)
+    report = bool(cfg.get("report", False))
+    model = load_checkpoint(cfg.ckpt)
     require_branch(model, Branch.GATED)
     run_cfg = model.cfg.copy()
     OmegaConf.set_struct(run_cfg, False)
-    run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)  # where the data lives on *this* machine
-    test = extract_features(model.backbone, eval_loader(run_cfg, "test"), Branch.GATED)
-    report = gate_report(test.active_channels, model.cost)
-    return {
+    run_cfg.data = data_config(model.cfg, cfg)  # where the data lives on *this* machine
+    device = resolve_device(str(cfg.get("device", "cpu")))
+    test = extract_features(
+        model.backbone, eval_loader(run_cfg, "test", int(cfg.data.batch_size)), Branch.GATED, device, keep_masks=report
+    )
+    gates = gate_report(test.active_channels, model.cost)
+    summary = {
         "dataset": run_cfg.dataset.name,
         "image_size": int(run_cfg.dataset.image_size),
         "width": int(run_cfg.backbone.width),
         "ckpt": str(cfg.ckpt),
         "dense_macs": model.cost.dense_macs,
-        "gated_macs": report["gated_macs"],
-        "flops_ratio": report["flops_ratio"],
-        "reduction": report["flops_reduction"],
-        "density_per_block": report["density_per_block"],
+        "gated_macs": gates["gated_macs"],
+        "flops_ratio": gates["flops_ratio"],
+        "reduction": gates["flops_reduction"],
+        "density_per_block": gates["density_per_block"],
     }
+    if report:
+        summary["blocks"] = block_usage(model.cost, test.active_channels, test.masks)
+        summary.update(write_report(cfg, model, summary, len(test)))
+    return summary
+
+
+def write_report(cfg: DictConfig, model: Any, summary: dict[str, Any], num_test: int) -> dict[str, str]:
+    """flops_report.json (a "flops" record, see `vdg.eval.results`) and channel_usage.png; their paths."""
+    from vdg.eval.plots import plot_channel_usage
+    from vdg.eval.results import base_record, results_dir, write_json
+
+    out = results_dir(cfg.ckpt, cfg.get("results_dir"))
+    record = base_record("flops", model.cfg, summary["dataset"], "gated", cfg.ckpt, cfg)
+    record.update(
+        {
+            "flops_reduction": summary["reduction"],
+            "flops_ratio": summary["flops_ratio"],
+            "dense_macs": summary["dense_macs"],
+            "gated_macs": summary["gated_macs"],
+            "gate_macs": model.cost.gate_macs,
+            "num_test": num_test,
+            "blocks": summary["blocks"],
+        }
+    )
+    report_path = write_json(record, out / "flops_report.json")
+    budget = "" if model.cfg.method.name == "vicreg" else f" t_d {float(model.cfg.budget):g},"
+    title = (
+        f"{model.cfg.method.name}{budget} {summary['dataset']} test split: "
+        f"FLOPs reduction {100 * summary['reduction']:.1f}%"
+    )
+    plot_path = plot_channel_usage(summary["blocks"], out / "channel_usage.png", title)
+    return {"report": str(report_path), "plot": str(plot_path)}

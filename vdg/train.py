@@ -1,13 +1,14 @@
 """Pretraining driver behind `scripts/pretrain.py`: config -> data, method, Trainer -> run directory.
 
 Run directory layout: config.yaml (resolved), checkpoints/{last.ckpt, epoch=XXXX.ckpt}, metrics.csv,
-summary.json. The science lives in `vdg.methods`; this module only wires and records.
+summary.json. The science lives in `vdg.methods`; this module only wires, resumes and records.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-import time
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
+from vdg.callbacks import FAULT_ENV, EpochTimer, FaultInjection, NonFiniteGuard, RNGState
+from vdg.checkpoint import CheckpointError, config_differences, read_checkpoint
+from vdg.checkpoint_io import AtomicCheckpointIO
 from vdg.config import ConfigError, validate_pretrain_config
 from vdg.data import PretrainDataModule
 from vdg.data.module import eval_loader
@@ -27,28 +31,9 @@ from vdg.models import Branch
 VDG_TRAINER_KEYS = ("channels_last", "compile")
 
 
-class EpochTimer(pl.Callback):
-    """Wall-clock seconds of each training epoch (validation excluded)."""
-
-    def __init__(self) -> None:
-        self.durations: list[float] = []
-        self._start = 0.0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        self.durations.append(time.perf_counter() - self._start)
-
-
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    kwargs = {
-        k: v
-        for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
-        if k not in VDG_TRAINER_KEYS
-    }
+    container = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs = {k: v for k, v in container.items() if k not in VDG_TRAINER_KEYS}
     if kwargs["precision"] == "auto":
         kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     devices, nodes = kwargs["devices"], kwargs["num_nodes"]
@@ -57,16 +42,69 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def resume_checkpoint(cfg: DictConfig, checkpoint_dir: Path) -> Path | None:
-    last = checkpoint_dir / "last.ckpt"
-    if not last.exists():
+def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The newest of checkpoints/last.ckpt and a SLURM-requeue hpc_ckpt_*.ckpt in the run directory.
+
+    resume=auto continues from it (after checking the config still describes the same experiment);
+    resume=never refuses to touch a run directory that already holds one.
+    """
+    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    if not candidates:
         return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
     if cfg.resume == "never":
         raise ConfigError(
-            f"{last} already exists and resume=never: refusing to overwrite a run; pass resume=auto to "
+            f"{newest} already exists and resume=never: refusing to overwrite a run; pass resume=auto to "
             f"continue it or choose another run_dir"
         )
-    return last
+    saved = read_checkpoint(newest)["hyper_parameters"]["cfg"]
+    diffs = config_differences(saved, OmegaConf.to_container(cfg, resolve=True))
+    if diffs:
+        raise CheckpointError(
+            f"refusing to resume {newest}: the config changed in keys that define the experiment "
+            f"({'; '.join(diffs)}). Use another run_dir for a new experiment, or restore these values."
+        )
+    return newest
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger writing run_dir/metrics.csv that, on resume, keeps the rows of the epochs already done.
+
+    Lightning's CSV writer deletes an existing metrics.csv; the rows from before the resumed epoch are read
+    first and written back ahead of the new ones, so one file holds the whole run.
+    """
+
+    def __init__(self, run_dir: Path, resume_epoch: int | None, resume_step: int | None) -> None:
+        self._carry: list[dict[str, str]] = []
+        path = run_dir / "metrics.csv"
+        if resume_epoch is not None and path.exists():
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    epoch, step = row.get("epoch") or "", row.get("step") or ""
+                    keep = float(epoch) < resume_epoch if epoch else (step != "" and float(step) < resume_step)
+                    if keep:
+                        self._carry.append(row)
+        super().__init__(save_dir=str(run_dir), name="", version="")
+
+    @property
+    def experiment(self):  # noqa: ANN201 - lightning's ExperimentWriter
+        writer = super().experiment
+        if self._carry:
+            writer.metrics[:0] = [{k: v for k, v in row.items() if v != ""} for row in self._carry]
+            self._carry = []
+        return writer
+
+
+def checkpoint_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[ModelCheckpoint]:
+    every = int(cfg.checkpoint.every_n_epochs)
+    periodic = dict(filename="epoch={epoch:04d}", auto_insert_metric_name=False, save_top_k=-1)
+    if every == 1:  # one callback can do both; two with the same period would clash in Lightning's state
+        return [ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_epochs=1, **periodic)]
+    return [
+        # monitor=None + save_top_k=1 keeps exactly the newest checkpoint, under the fixed name last.ckpt
+        ModelCheckpoint(dirpath=checkpoint_dir, filename="last", every_n_epochs=1, enable_version_counter=False),
+        ModelCheckpoint(dirpath=checkpoint_dir, every_n_epochs=every, **periodic),
+    ]
 
 
 def final_knn(model: BaseMethod, cfg: DictConfig) -> dict[str, Any]:
@@ -96,11 +134,15 @@ def _metric(metrics: dict[str, Any], key: str) -> float | None:
 
 
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
-    """Train one method on one dataset; returns (and writes) the run's summary."""
+    """Train one method on one dataset (resuming its run directory when possible); returns the summary."""
     validate_pretrain_config(cfg)
     run_dir = Path(cfg.run_dir)
     checkpoint_dir = run_dir / "checkpoints"
-    ckpt_path = resume_checkpoint(cfg, checkpoint_dir)
+    ckpt_path = find_resume_checkpoint(cfg, run_dir)
+    resume_state = None
+    if ckpt_path is not None:
+        saved = read_checkpoint(ckpt_path)
+        resume_state = (int(saved["epoch"]) + 1, int(saved["global_step"]))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -108,25 +150,26 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     datamodule = PretrainDataModule(cfg)
     model = build_method(cfg)
     timer = EpochTimer()
-    callbacks = [
+    callbacks: list[pl.Callback] = [
+        NonFiniteGuard(int(cfg.guard.check_every_n_steps)),  # first: it must run before any checkpoint save
         timer,
-        ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=0, save_last=True),
-        ModelCheckpoint(
-            dirpath=checkpoint_dir,
-            filename="epoch={epoch:04d}",
-            auto_insert_metric_name=False,
-            every_n_epochs=int(cfg.checkpoint.every_n_epochs),
-            save_top_k=-1,
-        ),
+        RNGState(),
+        *checkpoint_callbacks(cfg, checkpoint_dir),
         LearningRateMonitor(logging_interval="epoch"),
     ]
-    logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    if os.environ.get(FAULT_ENV):
+        callbacks.append(FaultInjection(int(os.environ[FAULT_ENV])))
+    logger = ResumableCSVLogger(run_dir, *(resume_state or (None, None)))
     trainer = pl.Trainer(
-        **trainer_kwargs(cfg), callbacks=callbacks, logger=logger, default_root_dir=str(run_dir)
+        **trainer_kwargs(cfg),
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
 
-    metrics = {k: v for k, v in trainer.callback_metrics.items()}
+    metrics = dict(trainer.callback_metrics.items())
     ratio = _metric(metrics, "val/flops_ratio")
     summary: dict[str, Any] = {
         "method": cfg.method.name,
@@ -134,6 +177,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         "budget": float(cfg.budget),
         "seed": int(cfg.seed),
         "epochs": int(trainer.current_epoch),
+        "resumed_from": str(ckpt_path) if ckpt_path else None,
         "mean_seconds_per_epoch": sum(timer.durations) / len(timer.durations) if timer.durations else None,
         "probe_acc": {b.value: _metric(metrics, f"val/acc_{b.value}") for b in model.branches},
         "flops_ratio_train": _metric(metrics, "train/flops_ratio"),
@@ -145,5 +189,13 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.final_knn.enabled:
         summary["knn"] = final_knn(model, cfg)
+    if cfg.evaluate:
+        from vdg.eval.api import evaluate_checkpoint
+
+        summary["evaluations"] = [
+            record
+            for spec in OmegaConf.to_container(cfg.evaluate, resolve=True)
+            for record in evaluate_checkpoint(checkpoint_dir / "last.ckpt", **spec)
+        ]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -1,7 +1,30 @@
-"""Data: datasets, per-view augmentation recipes and pipelines, the pretraining data module."""
+"""Data: datasets, per-view augmentation recipes and pipelines (CPU and GPU backends), the pretraining module."""
 
-from vdg.data.datasets import DATASETS, DataNotFoundError, build_dataset
-from vdg.data.module import PretrainDataModule
+from vdg.data.datasets import (
+    DATASETS,
+    DataNotFoundError,
+    ImageFolderDataset,
+    TensorImageDataset,
+    build_dataset,
+    decode_folder,
+    disk_split,
+)
+from vdg.data.gpu_module import BACKENDS, DeviceBatchLoader, resolve_backend
+from vdg.data.module import PretrainDataModule, eval_loader
 from vdg.data.recipes import ViewRecipe
 
-__all__ = ["DATASETS", "DataNotFoundError", "build_dataset", "PretrainDataModule", "ViewRecipe"]
+__all__ = [
+    "BACKENDS",
+    "DATASETS",
+    "DataNotFoundError",
+    "DeviceBatchLoader",
+    "ImageFolderDataset",
+    "PretrainDataModule",
+    "TensorImageDataset",
+    "ViewRecipe",
+    "build_dataset",
+    "decode_folder",
+    "disk_split",
+    "eval_loader",
+    "resolve_backend",
+]

@@ -1,21 +1,33 @@
 """Datasets vdg trains and evaluates on, each returned as (image, label) pairs without any transform.
 
-Only loading lives here: augmentation is `vdg.data.transforms`, batching is `vdg.data.module`.
+Only loading lives here (including the one-off decode of an image folder to a uint8 tensor for the GPU
+backend): augmentation is `vdg.data.transforms` / `vdg.data.gpu_augment`, batching is `vdg.data.module`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import warnings
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-DATASETS = ("cifar10", "cifar100", "folder", "digits", "synthetic")
-SPLITS = ("train", "test")
+DATASETS = ("cifar10", "cifar100", "stl10", "imagenet100", "folder", "digits", "synthetic")
+# The roles a caller asks `build_dataset` for; which split on disk each role is depends on the dataset.
+SPLITS = ("pretrain", "train", "test")
+# dataset.pretrain_split: the split self-supervised pretraining reads. Only STL-10 has a choice.
+PRETRAIN_SPLITS: dict[str, tuple[str, ...]] = {"stl10": ("unlabeled", "train+unlabeled", "train")}
+DEFAULT_PRETRAIN_SPLITS = ("train",)
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+STL10_SIZE = 96
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -28,6 +40,8 @@ class TensorImageDataset(Dataset):
     def __init__(self, images: Tensor, labels: Tensor, classes: list[str], transform: Callable | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.classes, self.transform = images, labels.long(), classes, transform
 
     def __len__(self) -> int:
@@ -40,9 +54,30 @@ class TensorImageDataset(Dataset):
         return image, int(self.labels[index])
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed values: {list(SPLITS)}")
+def _check_split(split: str, allowed: tuple[str, ...] = ("train", "test")) -> None:
+    if split not in allowed:
+        raise ValueError(f"unknown split {split!r}; allowed values: {list(allowed)}")
+
+
+def disk_split(dataset_cfg: Any, split: str) -> str:
+    """The split on disk that a role ("pretrain", "train", "test") means for the dataset `dataset_cfg` names.
+
+    pretrain: `dataset.pretrain_split` (STL-10: unlabeled by default, as the official code), else train.
+    test: `dataset.test_split` where set (ImageNet-100: val), else test. This is the one place that maps them.
+    """
+    _check_split(split, SPLITS)
+    name = dataset_cfg.name
+    if split == "pretrain":
+        allowed = PRETRAIN_SPLITS.get(name, DEFAULT_PRETRAIN_SPLITS)
+        chosen = str(dataset_cfg.get("pretrain_split", allowed[0]))
+        if chosen not in allowed:
+            raise ValueError(
+                f"unknown dataset.pretrain_split {chosen!r} for dataset {name!r}; allowed values: {list(allowed)}"
+            )
+        return chosen
+    if split == "test":
+        return str(dataset_cfg.get("test_split", "test"))
+    return "train"
 
 
 def load_digits(split: str, image_size: int = 32) -> TensorImageDataset:
@@ -109,29 +144,99 @@ def load_cifar(name: str, root: str | Path, split: str, download: bool) -> Tenso
     return TensorImageDataset(images, torch.tensor(ds.targets), list(ds.classes))
 
 
+# ------------------------------------------------------------------------------------------------- STL-10
+STL10_FILES = {
+    "train": ("train_X.bin", "train_y.bin"),
+    "test": ("test_X.bin", "test_y.bin"),
+    "unlabeled": ("unlabeled_X.bin", None),
+}
+
+
+def _read_stl10_part(folder: Path, part: str) -> tuple[Tensor, Tensor]:
+    """One STL-10 binary part: images uint8 [N, 3, 96, 96] and labels 0..9 (-1 for `unlabeled`)."""
+    images_file, labels_file = STL10_FILES[part]
+    # Each image is 3 planes of 96x96 bytes stored column-major: read as [N, C, W, H], then swap W and H.
+    raw = np.memmap(folder / images_file, dtype=np.uint8, mode="r").reshape(-1, 3, STL10_SIZE, STL10_SIZE)
+    images = torch.from_numpy(np.ascontiguousarray(raw.transpose(0, 1, 3, 2)))
+    if labels_file is None:
+        labels = torch.full((len(images),), -1, dtype=torch.long)
+    else:
+        labels = torch.from_numpy(np.fromfile(folder / labels_file, dtype=np.uint8).astype(np.int64) - 1)
+    return images, labels
+
+
+def load_stl10(root: str | Path, split: str, download: bool) -> TensorImageDataset:
+    """STL-10 in torchvision's layout (`root/stl10_binary/*.bin`); split train (5k), test (8k), unlabeled (100k)
+    or train+unlabeled. Unlabeled images get label -1 (the online probes and k-NN ignore them)."""
+    _check_split(split, ("train", "test", "unlabeled", "train+unlabeled"))
+    folder = Path(root) / "stl10_binary"
+    parts = split.split("+")
+    needed = [folder / f for part in parts for f in STL10_FILES[part] if f is not None]
+    failure = ""
+    if not all(p.is_file() for p in needed) and download:
+        from torchvision.datasets import STL10
+
+        try:
+            STL10(str(root), split="test", download=True)  # fetches and md5-checks the whole archive once
+        except Exception as err:  # URLError/OSError without network, RuntimeError on a corrupt archive
+            failure = f" ({type(err).__name__}: {err})"
+    missing = [p.name for p in needed if not p.is_file()]
+    if missing:
+        raise DataNotFoundError(
+            f"stl10 not found under data.root={str(root)!r} and could not be downloaded "
+            f"(data.download={download}){failure}: missing {missing}. Expected torchvision's layout {folder}/ holding "
+            f"train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin (stl10_binary.tar.gz unpacked "
+            f"in data.root)."
+        )
+    loaded = [_read_stl10_part(folder, part) for part in parts]
+    images = loaded[0][0] if len(loaded) == 1 else torch.cat([im for im, _ in loaded])
+    labels = loaded[0][1] if len(loaded) == 1 else torch.cat([lb for _, lb in loaded])
+    names_file = folder / "class_names.txt"
+    classes = names_file.read_text().split() if names_file.is_file() else list(STL10_CLASSES)
+    return TensorImageDataset(images, labels, classes)
+
+
+# ------------------------------------------------------------------------------------------- image folders
 class ImageFolderDataset(Dataset):
-    """An ImageFolder split (`root/<split>/<class>/<image>`) with sorted class names; errors name the path."""
+    """An ImageFolder split (`root/<split>/<class>/<image>`) with sorted class names; errors name the path.
+
+    `classes`, when given, is the exact set of class folders expected (e.g. the ImageNet-100 list).
+    """
 
     EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
-    def __init__(self, root: str | Path, split: str, transform: Callable | None = None) -> None:
-        _check_split(split)
-        root = Path(root)
-        folder = root / split
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Callable | None = None,
+        classes: list[str] | None = None,
+        name: str = "folder",
+    ) -> None:
+        self.root, self.split = Path(root), split
+        folder = self.root / split
         if not folder.is_dir():
+            present = sorted(d.name for d in self.root.iterdir() if d.is_dir()) if self.root.is_dir() else []
             raise DataNotFoundError(
-                f"data.root={str(root)!r} has no {split}/ folder; dataset=folder expects "
-                f"{root}/train/<class>/<image> and {root}/test/<class>/<image>"
+                f"data.root={str(root)!r} has no {split}/ folder (sub-folders there: {present}); dataset={name} "
+                f"expects {self.root}/{split}/<class>/<image>"
             )
         self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
         if not self.classes:
             raise DataNotFoundError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
+        if classes is not None and set(self.classes) != set(classes):
+            missing, extra = sorted(set(classes) - set(self.classes)), sorted(set(self.classes) - set(classes))
+            raise DataNotFoundError(
+                f"{folder} does not hold the {len(classes)} classes dataset={name} expects: "
+                f"missing {missing[:10]}{'...' if len(missing) > 10 else ''} ({len(missing)}), "
+                f"unexpected {extra[:10]}{'...' if len(extra) > 10 else ''} ({len(extra)})"
+            )
         self.samples: list[tuple[str, int]] = []
-        for label, name in enumerate(self.classes):
-            files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in self.EXTENSIONS)
+        for label, class_name in enumerate(self.classes):
+            files = sorted(p for p in (folder / class_name).iterdir() if p.suffix.lower() in self.EXTENSIONS)
             if not files:
                 raise DataNotFoundError(
-                    f"class folder {folder / name} holds no images (extensions {list(self.EXTENSIONS)})"
+                    f"class folder {folder / class_name} holds no images (extensions {list(self.EXTENSIONS)})"
                 )
             self.samples.extend((str(p), label) for p in files)
         self.labels = torch.tensor([label for _, label in self.samples])
@@ -157,19 +262,107 @@ class ImageFolderDataset(Dataset):
         return image, self.samples[index][1]
 
 
+def imagenet100_classes() -> list[str]:
+    """The 100 WordNet ids of the CMC ImageNet-100 subset (Tian et al. 2019), as solo-learn ships them."""
+    text = resources.files("vdg.data").joinpath("imagenet100_classes.txt").read_text()
+    return text.split()
+
+
+def load_imagenet100(root: str | Path, split: str) -> ImageFolderDataset:
+    """ImageNet-100 as built by `scripts/make_imagenet100.py`: `root/{train,val}/<wnid>/<image>`."""
+    _check_split(split, ("train", "val"))
+    return ImageFolderDataset(root, split, classes=imagenet100_classes(), name="imagenet100")
+
+
+# ------------------------------------------------------------------------------- folder -> uint8 tensor cache
+DECODE_CACHE_VERSION = 1
+
+
+def _fingerprint(dataset: ImageFolderDataset, image_size: int) -> str:
+    """Hash of what the decoded tensor depends on: the relative file list, the labels, the decode size."""
+    digest = hashlib.sha256(f"v{DECODE_CACHE_VERSION} {image_size}px\n".encode())
+    prefix = len(str(dataset.root / dataset.split)) + 1
+    for path, label in dataset.samples:
+        digest.update(f"{path[prefix:]}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def decode_cache_path(dataset: ImageFolderDataset, image_size: int, cache_dir: str | Path | None = None) -> Path:
+    """Where `decode_folder` keeps its cache: `<cache_dir or data.root/.vdg_cache>/<root>-<split>-<size>px.pt`."""
+    folder = Path(cache_dir) if cache_dir is not None else dataset.root / ".vdg_cache"
+    return folder / f"{dataset.root.resolve().name}-{dataset.split}-{image_size}px.pt"
+
+
+class _Decoded(Dataset):
+    def __init__(self, dataset: ImageFolderDataset, image_size: int) -> None:
+        from vdg.data.transforms import decode_transform
+
+        self.dataset, self.size, self.transform = dataset, image_size, decode_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tensor:
+        image = self.dataset.load(index)
+        if image.size == (self.size, self.size):  # already decode-sized (CIFAR): the same pixels, 5x cheaper
+            return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        return self.transform(image).as_subclass(Tensor)
+
+
+def decode_folder(
+    dataset: ImageFolderDataset, image_size: int, cache_dir: str | Path | None = None, num_workers: int = 0
+) -> TensorImageDataset:
+    """Every image of an ImageFolder split as uint8 [N, 3, S, S] (S = image_size), decoded once and cached.
+
+    Decode = shorter side resized to S, centre S x S crop (`transforms.decode_transform`). The cache file is
+    reused while the file list and S are unchanged, and rewritten otherwise; an unwritable place only warns.
+    """
+    cache = decode_cache_path(dataset, image_size, cache_dir)
+    fingerprint = _fingerprint(dataset, image_size)
+    if cache.is_file():
+        blob = torch.load(cache, map_location="cpu", mmap=True, weights_only=True)
+        if blob.get("fingerprint") == fingerprint:
+            return TensorImageDataset(blob["images"], blob["labels"], list(blob["classes"]))
+    images = torch.empty(len(dataset), 3, image_size, image_size, dtype=torch.uint8)
+    loader = DataLoader(_Decoded(dataset, image_size), batch_size=256, num_workers=num_workers)
+    start = 0
+    for batch in loader:
+        images[start : start + len(batch)] = batch
+        start += len(batch)
+    blob = {"fingerprint": fingerprint, "images": images, "labels": dataset.labels, "classes": dataset.classes}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".tmp{os.getpid()}")
+        torch.save(blob, partial)
+        os.replace(partial, cache)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError as err:
+        warnings.warn(f"could not write the decode cache {cache} ({err}); set data.cache_dir", stacklevel=2)
+    return TensorImageDataset(images, dataset.labels, dataset.classes)
+
+
+# ----------------------------------------------------------------------------------------------- the factory
 def build_dataset(dataset_cfg: Any, data_cfg: Any, split: str) -> Dataset:
-    """The raw split of the dataset a config names (`dataset.name`), images untransformed."""
+    """The raw split of the dataset a config names (`dataset.name`), images untransformed.
+
+    split is a role: "pretrain" (what self-supervision reads), "train" or "test" (evaluation); `disk_split`
+    maps it to the dataset's own split names.
+    """
     name = dataset_cfg.name
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset.name {name!r}; allowed values: {list(DATASETS)}")
+    on_disk = disk_split(dataset_cfg, split)
     if name in ("cifar10", "cifar100"):
-        return load_cifar(name, data_cfg.root, split, bool(data_cfg.download))
+        return load_cifar(name, data_cfg.root, on_disk, bool(data_cfg.download))
+    if name == "stl10":
+        return load_stl10(data_cfg.root, on_disk, bool(data_cfg.download))
+    if name == "imagenet100":
+        return load_imagenet100(data_cfg.root, on_disk)
     if name == "folder":
-        return ImageFolderDataset(data_cfg.root, split)
+        return ImageFolderDataset(data_cfg.root, on_disk)
     if name == "digits":
-        return load_digits(split, int(dataset_cfg.image_size))
-    if name == "synthetic":
-        size = int(dataset_cfg.train_size if split == "train" else dataset_cfg.test_size)
-        return make_synthetic(split, int(dataset_cfg.num_classes), size, int(dataset_cfg.image_size))
-    raise ValueError(f"unknown dataset.name {name!r}; allowed values: {list(DATASETS)}")
+        return load_digits(on_disk, int(dataset_cfg.image_size))
+    size = int(dataset_cfg.train_size if on_disk == "train" else dataset_cfg.test_size)  # synthetic
+    return make_synthetic(on_disk, int(dataset_cfg.num_classes), size, int(dataset_cfg.image_size))
 
 
 def mean_std(images: Tensor) -> tuple[list[float], list[float]]:

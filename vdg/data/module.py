@@ -1,14 +1,19 @@
-"""LightningDataModule for pretraining: two augmented views per image for training, the test split for
-validation (online probes, validation FLOPs). It batches and loads; it does not define augmentations."""
+"""LightningDataModule for pretraining: two augmented views per image for training (CPU workers or on the
+GPU), the test split for validation (online probes, validation FLOPs). It batches and loads; it does not
+define augmentations (recipes come from the dataset yaml)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from vdg.data.datasets import build_dataset
+from vdg.data.datasets import ImageFolderDataset, TensorImageDataset, build_dataset, decode_folder
+from vdg.data.gpu_augment import GPUMultiViewAugment
+from vdg.data.gpu_module import DeviceBatchLoader, resolve_backend
 from vdg.data.recipes import ViewRecipe
 from vdg.data.transforms import MultiView, eval_transform, view_transform
 
@@ -46,21 +51,60 @@ def per_device_batch_size(cfg: Any) -> int:
 
 
 class PretrainDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: Any) -> None:
+    """Two augmented views per pretraining image (view 0 -> gated branch, view 1 -> dense), test split for val.
+
+    data.backend picks where augmentation runs (`gpu_module.resolve_backend`):
+    - cpu: torchvision v2 pipelines in DataLoader workers, pinned memory, shuffled, drop_last.
+    - gpu: the uint8 train split lives on the training device; `DeviceBatchLoader` slices a per-epoch random
+      permutation and `on_after_batch_transfer` augments each training batch there with `GPUMultiViewAugment`
+      (same recipes). Validation batches always come from the CPU loader and pass through untouched.
+    `device` overrides the training device when there is no Trainer (benchmarks, tests).
+    """
+
+    def __init__(self, cfg: Any, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.batch_size = per_device_batch_size(cfg)
+        self._device = None if device is None else torch.device(device)
+        self.backend: str | None = None  # "cpu" | "gpu" once set up
+        self.train_set: Dataset | None = None  # cpu backend
+        self.train_batches: DeviceBatchLoader | None = None  # gpu backend
+        self.gpu_augment: GPUMultiViewAugment | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The training device: the Trainer's root device, else the one given, else CUDA when available."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        if self._device is not None:
+            return self._device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def setup(self, stage: str | None = None) -> None:
+        if self.backend is not None:  # Lightning calls setup once per stage; the data stay loaded
+            return
         ds, data = self.cfg.dataset, self.cfg.data
-        mean, std = list(ds.mean), list(ds.std)
-        views = [view_transform(r, int(ds.image_size), mean, std) for r in view_recipes(ds)]
-        self.train_set = TransformedDataset(build_dataset(ds, data, "train"), MultiView(views))
+        size, mean, std = int(ds.image_size), list(ds.mean), list(ds.std)
+        recipes = view_recipes(ds)
+        raw = build_dataset(ds, data, "pretrain")
+        device = self.device
+        self.backend = resolve_backend(
+            str(data.backend), _uint8_bytes(raw, size), device, float(data.get("gpu_memory_fraction", 0.5))
+        )
+        if self.backend == "gpu":
+            if isinstance(raw, ImageFolderDataset):
+                raw = decode_folder(raw, size, data.get("cache_dir"), int(data.num_workers))
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+            self.train_batches = DeviceBatchLoader(
+                raw.images.to(device), raw.labels.to(device), self.batch_size, int(self.cfg.seed), rank, world
+            )
+            self.gpu_augment = GPUMultiViewAugment(recipes, size, mean, std).to(device)
+        else:
+            views = [view_transform(r, size, mean, std) for r in recipes]
+            self.train_set = TransformedDataset(raw, MultiView(views))
         self.val_set = None
         if ds.get("has_labels", True):
-            val_t = eval_transform(
-                int(ds.image_size), list(ds.eval_mean), list(ds.eval_std), ds.get("eval_resize")
-            )
+            val_t = eval_transform(size, list(ds.eval_mean), list(ds.eval_std), ds.get("eval_resize"))
             self.val_set = TransformedDataset(build_dataset(ds, data, "test"), val_t)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
@@ -75,7 +119,9 @@ class PretrainDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatchLoader:
+        if self.backend == "gpu":
+            return self.train_batches
         if len(self.train_set) < self.batch_size:
             raise ValueError(
                 f"the {self.cfg.dataset.name} train split has {len(self.train_set)} images, fewer than one "
@@ -85,6 +131,24 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else self._loader(self.val_set, train=False)
+
+    @torch.no_grad()
+    def augment(self, batch: tuple[Tensor, Tensor]) -> tuple[list[Tensor], Tensor]:
+        """GPU backend: (uint8 images, labels) on the device -> ([view 0, view 1], labels)."""
+        images, labels = batch
+        return self.gpu_augment(images), labels
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.backend == "gpu" and self.trainer is not None and self.trainer.training:
+            return self.augment(batch)
+        return batch
+
+
+def _uint8_bytes(dataset: Dataset, image_size: int) -> int:
+    """Bytes the split takes as uint8 [N, 3, H, W]: a tensor dataset's own size, a folder's after decode."""
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.images.numel()
+    return len(dataset) * 3 * image_size * image_size
 
 
 def eval_loader(cfg: Any, split: str, batch_size: int = 512, num_workers: int | None = None) -> DataLoader:

@@ -64,6 +64,14 @@ def eval_transform(
     return T.Compose(steps)
 
 
+def decode_transform(size: int) -> T.Compose:
+    """PIL image -> uint8 [3, size, size]: shorter side resized to size, centre crop (the GPU backend's decode).
+
+    A no-op on images already size x size (CIFAR); larger images lose the borders of their longer side.
+    """
+    return T.Compose([T.ToImage(), T.Resize(size, antialias=True), T.CenterCrop(size)])
+
+
 def linear_train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
     """Linear-evaluation train transform: RandomResizedCrop(scale 0.08-1, bilinear) + flip (reference §1.13)."""
     return T.Compose(

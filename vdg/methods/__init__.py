@@ -5,12 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from vdg.methods.base import BaseMethod, StepOutput
+from vdg.methods.bt_dual import BTDual
 from vdg.methods.vdg import VDG
+from vdg.methods.vdg_2x import VDG2x
 from vdg.methods.vicreg import VICReg
+from vdg.methods.vicreg_gating import VICRegGating
 
 METHODS: dict[str, type[BaseMethod]] = {
     "vicreg": VICReg,
     "vdg": VDG,
+    "vicreg_gating": VICRegGating,
+    "bt_dual": BTDual,
+    "vdg_2x": VDG2x,
 }
 
 
@@ -29,4 +35,15 @@ def build_method(cfg: Any) -> BaseMethod:
     return METHODS[name](cfg)
 
 
-__all__ = ["METHODS", "BaseMethod", "StepOutput", "VDG", "VICReg", "build_method", "register_method"]
+__all__ = [
+    "METHODS",
+    "BaseMethod",
+    "BTDual",
+    "StepOutput",
+    "VDG",
+    "VDG2x",
+    "VICReg",
+    "VICRegGating",
+    "build_method",
+    "register_method",
+]

@@ -116,7 +116,7 @@ class BaseMethod(pl.LightningModule):
         return out
 
     # ----- Lightning hooks ------------------------------------------------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         views, targets = batch
         step = self.ssl_step(list(views), targets)
         probes = self.probe_loss(step.features, targets)
@@ -126,7 +126,8 @@ class BaseMethod(pl.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=targets.shape[0])
         if self.backbone.gated:
             self.log("train/bound_p", self.bound_p, on_step=False, on_epoch=True, batch_size=targets.shape[0])
-        return loss
+        # the terms travel to callbacks (the non-finite guard) without leaving the device
+        return {"loss": loss, "terms": {**step.terms, **probes}}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, targets = batch

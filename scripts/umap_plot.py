@@ -1,0 +1,31 @@
+"""UMAP of a checkpoint's test features, dense and gated side by side (paper Figure 2):
+
+    python scripts/umap_plot.py ckpt=runs/.../checkpoints/last.ckpt [max_samples=2000] [output=umap.png]
+
+Options: configs/umap.yaml. Writes <checkpoint dir>/results/umap-<dataset>.png and prints a JSON summary.
+A thin wrapper over `vdg.eval.umap_plot.umap_plot`.
+"""
+
+import json
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from vdg.checkpoint import CheckpointError
+from vdg.config import ConfigError
+from vdg.data.datasets import DataNotFoundError
+from vdg.eval.umap_plot import umap_plot
+
+
+@hydra.main(config_path="../configs", config_name="umap", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = umap_plot(cfg)
+    except (CheckpointError, ConfigError, DataNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

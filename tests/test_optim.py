@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vdg.optim import LARS, lars_param_groups, warmup_cosine
+
+
+def reference_lars_step(params, groups, lr, momentum, eta, clip, bufs):
+    """Per-tensor loop of the official LARS-wrapped SGD (reference §1.9), for comparison."""
+    for group in groups:
+        for p in group["params"]:
+            g = p.grad.clone()
+            wd = group["weight_decay"]
+            if group["lars"]:
+                w_norm, g_norm = p.norm(), g.norm()
+                if w_norm != 0 and g_norm != 0:
+                    trust = eta * w_norm / (g_norm + wd * w_norm + 1e-8)
+                    if clip:
+                        trust = min(trust / lr, 1.0)
+                    g = (g + wd * p) * trust
+            key = id(p)
+            bufs[key] = g if key not in bufs else momentum * bufs[key] + g
+            p.data -= lr * bufs[key]
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_lars_equals_reference_loop(clip):
+    torch.manual_seed(0)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+            self.gate = nn.Conv2d(8, 8, 1)  # named "gate": LARS without weight decay
+            self.head = nn.Linear(8 * 6 * 6, 4)
+
+        def forward(self, x):
+            return self.head(torch.flatten(self.gate(self.body(x)), 1))
+
+    model = Tiny()
+    reference = [p.detach().clone() for p in model.parameters()]
+    groups = lars_param_groups([("", model)], weight_decay=1e-2)
+    assert [g["name"] for g in groups] == ["decay", "gates", "bias_and_norm"]
+    opt = LARS(groups, lr=0.5, momentum=0.9, eta=0.02, clip_lr=clip)
+    ref_params = [nn.Parameter(r) for r in reference]
+    by_id = {id(p): r for p, r in zip(model.parameters(), ref_params, strict=True)}
+    ref_groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in groups]
+    bufs: dict = {}
+    for _ in range(3):
+        x = torch.randn(5, 3, 8, 8)
+        for params in (list(model.parameters()), ref_params):
+            for p in params:
+                p.grad = None
+        model(x).pow(2).mean().backward()
+        for p, r in zip(model.parameters(), ref_params, strict=True):
+            r.grad = p.grad.clone()
+        opt.step()
+        with torch.no_grad():
+            reference_lars_step(ref_params, ref_groups, 0.5, 0.9, 0.02, clip, bufs)
+    for p, r in zip(model.parameters(), ref_params, strict=True):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+
+
+def test_excluded_tensors_get_no_weight_decay():
+    bias = nn.Parameter(torch.ones(3))
+    bias.grad = torch.zeros(3)
+    opt = LARS([{"params": [bias], "weight_decay": 0.0, "lars": False}], lr=1.0, weight_decay=0.5)
+    opt.step()
+    assert torch.equal(bias, torch.ones(3))
+
+
+def test_warmup_cosine_official_per_epoch_values():
+    lr = lambda e: warmup_cosine(e, warmup=10, total=500, start_lr=0.003, base_lr=0.6, min_lr=0.0)  # noqa: E731
+    assert lr(0) == pytest.approx(0.003)
+    assert lr(9) == pytest.approx(0.6)
+    assert lr(5) == pytest.approx(0.003 + 5 * (0.6 - 0.003) / 9)
+    assert lr(10) == pytest.approx(0.6)
+    assert lr(255) == pytest.approx(0.3)
+    assert lr(500) == pytest.approx(0.0, abs=1e-12)
+    assert lr(499) == pytest.approx(0.6 * 0.5 * (1 + math.cos(math.pi * 489 / 490)))

@@ -1,0 +1,100 @@
+"""The GPU data backend's pieces: choosing the backend, and batches sliced from a device-resident uint8 split.
+
+No augmentation here (that is `vdg.data.gpu_augment`) and no Lightning wiring (that is `vdg.data.module`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("cpu", "gpu", "auto")
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Free bytes on `device`: CUDA's free memory, or the host's available memory for a CPU device."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def resolve_backend(
+    backend: str, nbytes: int, device: torch.device, memory_fraction: float, free_bytes: int | None = None
+) -> str:
+    """"cpu" or "gpu" for `data.backend` given the train split's size in bytes and the training device.
+
+    auto: gpu when training on CUDA and the split takes at most `memory_fraction` of the free device memory.
+    gpu: always (a CPU device works too, for tests); raises when the split does not fit in that fraction.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown data.backend {backend!r}; allowed values: {list(BACKENDS)}")
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"data.gpu_memory_fraction={memory_fraction} must lie in (0, 1]")
+    if backend == "cpu" or (backend == "auto" and device.type != "cuda"):
+        return "cpu"
+    free = free_device_memory(device) if free_bytes is None else free_bytes
+    fits = nbytes <= memory_fraction * free
+    if backend == "auto":
+        return "gpu" if fits else "cpu"
+    if not fits:
+        raise MemoryError(
+            f"data.backend=gpu: the train split needs {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB) on {device}, "
+            f"but only {free:,} bytes ({free / 2**30:.2f} GiB) are free and data.gpu_memory_fraction="
+            f"{memory_fraction} allows {int(memory_fraction * free):,}; use data.backend=cpu (or auto), a "
+            f"smaller dataset.image_size, or raise data.gpu_memory_fraction"
+        )
+    return "gpu"
+
+
+class DeviceBatchLoader:
+    """Training batches of uint8 images [N, 3, H, W] and labels [N] that already live on one device.
+
+    Each epoch draws one random permutation on the device (from its own generator, seeded identically on every
+    rank) and slices it into batches of `batch_size`, dropping the last partial batch. With `world_size` > 1
+    the ranks take disjoint slices of each global batch, as a DistributedSampler would. Nothing is read back to
+    the host: one epoch is one randperm plus an index_select per step.
+
+    Example: ``for images, labels in DeviceBatchLoader(images.cuda(), labels.cuda(), 256): ...``
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (len(images),) or labels.device != images.device:
+            raise ValueError(f"labels must be [N={len(images)}] on {images.device}, got {tuple(labels.shape)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if len(images) < batch_size * world_size:
+            raise ValueError(
+                f"the train split has {len(images)} images, fewer than one global batch "
+                f"({batch_size} x {world_size} devices); lower data.batch_size"
+            )
+        self.images, self.labels = images, labels
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.generator = torch.Generator(device=images.device).manual_seed(seed)
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def __len__(self) -> int:
+        return len(self.images) // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(self.images), generator=self.generator, device=self.device)
+        step = self.batch_size * self.world_size
+        for i in range(len(self)):
+            start = i * step + self.rank * self.batch_size
+            index = order[start : start + self.batch_size]
+            yield self.images.index_select(0, index), self.labels.index_select(0, index)

@@ -1,0 +1,162 @@
+"""Evaluation result records: the JSON schema `vdg.eval.tables` reads, file names, config hash, atomic writes.
+
+It only builds, names and writes records; it never evaluates a model.
+
+A record is one JSON object per file in `<checkpoint dir>/results/` (one file per protocol, dataset, branch):
+
+    protocol         "linear" | "knn" | "transfer" (| "flops" for the gate report of scripts/flops.py)
+    method           the pretraining method.name ("vdg", "vicreg", ...); method_config: its method: block
+    pretrain_dataset the dataset the checkpoint was pretrained on; dataset: the one evaluated (the target)
+    budget, seed     t_d and the pretraining seed of the checkpoint
+    branch           "dense" | "gated"
+    metric, value    "top1", in percent: the mean over `runs`
+    std, runs, seeds sample std (ddof 1; 0.0 for one run), every run's top-1, the seed of each run
+                     (k-NN is deterministic: one run, seeds [])
+    k, distance      k-NN only (plus weighting, normalize)
+    flops_reduction  1 - gated/dense MACs on the evaluated test split, a fraction (0.0 for the dense branch)
+    dense_macs, gated_macs   MACs per image of the dense network and (mean) of the evaluated branch
+    ckpt, config_hash        the checkpoint and `config_hash(pretraining config, eval config)`
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys that say where things are on one machine, not what was computed: left out of `config_hash`, so the
+# same checkpoint evaluated the same way hashes the same on any machine.
+LOCATION_KEYS = (
+    "ckpt",
+    "run_dir",
+    "results_dir",
+    "device",
+    "resume",
+    "dry_run",
+    "evaluate",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.cache_dir",
+    "trainer.enable_progress_bar",
+)
+
+
+def _plain(cfg: Any) -> Any:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def _without_location(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = json.loads(json.dumps(cfg, default=str))  # a deep copy
+    for key in LOCATION_KEYS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    cfg.pop("hydra", None)
+    return cfg
+
+
+def config_hash(pretrain_cfg: Any, eval_cfg: Any) -> str:
+    """12 hex digits of sha256 over both resolved configs (sorted JSON), `LOCATION_KEYS` left out."""
+    payload = {"pretrain": _without_location(_plain(pretrain_cfg)), "eval": _without_location(_plain(eval_cfg))}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def accuracy_fields(top1_runs: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
+    """metric/value/std/runs/seeds of one or more evaluation runs (top-1 in percent; std with ddof 1)."""
+    if not top1_runs:
+        raise ValueError("a result needs at least one run")
+    runs = [float(v) for v in top1_runs]
+    return {
+        "metric": "top1",
+        "value": statistics.fmean(runs),
+        "std": statistics.stdev(runs) if len(runs) > 1 else 0.0,
+        "runs": runs,
+        "seeds": [int(s) for s in seeds],
+    }
+
+
+def base_record(
+    protocol: str, pretrain_cfg: Any, dataset: str, branch: str, ckpt: str | Path, eval_cfg: Any
+) -> dict[str, Any]:
+    """The fields every record carries, from the checkpoint's pretraining config and the eval config."""
+    pre = _plain(pretrain_cfg)
+    return {
+        "protocol": protocol,
+        "method": pre["method"]["name"],
+        "method_config": pre["method"],
+        "pretrain_dataset": pre["dataset"]["name"],
+        "dataset": dataset,
+        "budget": float(pre["budget"]),
+        "seed": int(pre["seed"]),
+        "branch": branch,
+        "ckpt": str(Path(ckpt).resolve()),
+        "config_hash": config_hash(pre, eval_cfg),
+    }
+
+
+def result_filename(
+    protocol: str,
+    dataset: str,
+    branch: str,
+    pretrain_dataset: str | None = None,
+    k: int | None = None,
+    distance: str | None = None,
+    weighting: str | None = None,
+    normalize: bool = False,
+    tag: str | None = None,
+) -> str:
+    """`linear-cifar10-gated.json`, `transfer-cifar100-to-cifar10-dense.json`, `knn-k1-euclidean-cifar10-dense.json`.
+
+    k-NN names carry `-l2` for l2-normalised euclidean features and the vote weighting when k > 1 (at k = 1
+    it cannot change a prediction); `tag` is appended last, to keep variants of one protocol side by side.
+    """
+    if protocol == "transfer":
+        stem = f"transfer-{pretrain_dataset}-to-{dataset}-{branch}"
+    elif protocol == "knn":
+        variant = f"k{k}-{distance}" + ("-l2" if normalize and distance == "euclidean" else "")
+        variant += f"-{weighting}" if k is not None and k > 1 and weighting else ""
+        stem = f"knn-{variant}-{dataset}-{branch}"
+    else:
+        stem = f"{protocol}-{dataset}-{branch}"
+    return f"{stem}-{tag}.json" if tag else f"{stem}.json"
+
+
+def results_dir(ckpt: str | Path, override: str | Path | None = None) -> Path:
+    """Where a checkpoint's results go: `override`, else `<checkpoint dir>/results`."""
+    return Path(override) if override else Path(ckpt).resolve().parent / "results"
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write `obj` as indented JSON atomically: a temp file in the same folder, then os.replace.
+
+    A reader (or a crash) sees the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,90 @@
+"""UMAP of a checkpoint's test-set features, dense and gated side by side, coloured by class (paper Fig. 2).
+
+The runner behind scripts/umap_plot.py: features with deterministic gates, one umap-learn embedding per
+branch (as the official OfflineUMAP: n_components 2, n_neighbors 50, random_state 42), one PNG.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from vdg.config import ConfigError
+from vdg.data.module import eval_loader
+from vdg.eval.features import extract_features
+from vdg.eval.plots import plot_embeddings
+from vdg.eval.protocols import (
+    BRANCH_CHOICES,
+    IMAGE_STATS,
+    data_config,
+    eval_dataset,
+    load_checkpoint,
+    resolve_device,
+    select_branches,
+)
+from vdg.eval.results import results_dir
+
+
+def umap_embedding(features: Tensor, n_neighbors: int = 50, random_state: int = 42) -> np.ndarray:
+    """[N, D] features -> [N, 2] UMAP embedding; n_neighbors is capped at N - 1 (umap needs fewer than N)."""
+    import umap  # imported here: numba compiles on first use, which takes seconds
+
+    n = features.shape[0]
+    if n < 3:
+        raise ValueError(f"UMAP needs at least 3 samples, got {n}")
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, n - 1), random_state=random_state)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="n_jobs value")  # fixing random_state makes umap single-threaded
+        return reducer.fit_transform(features.float().numpy())
+
+
+def spread_subset(n: int, size: int | None) -> list[int]:
+    """`size` evenly spaced indices of range(n) (all when size is None or >= n): covers class-sorted splits."""
+    if size is None or size >= n:
+        return list(range(n))
+    if size < 1:
+        raise ConfigError(f"max_samples={size} must be >= 1 (or null for the whole test split)")
+    return torch.linspace(0, n - 1, size).round().long().tolist()
+
+
+def umap_plot(cfg: DictConfig) -> dict[str, Any]:
+    """Embed the test split of the checkpoint's pretraining dataset per branch and write one PNG."""
+    if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
+        raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to plot")
+    for key, allowed in (("branch", BRANCH_CHOICES), ("image_stats", IMAGE_STATS)):
+        if cfg[key] not in allowed:
+            raise ConfigError(f"unknown {key} {cfg[key]!r}; allowed values: {list(allowed)}")
+    model = load_checkpoint(cfg.ckpt, cfg.get("expected_method"))
+    branches = select_branches(model, cfg.branch)
+    dataset = eval_dataset(model.cfg, None, str(cfg.image_stats))
+    data = data_config(model.cfg, cfg)
+    device = resolve_device(str(cfg.device))
+    full = eval_loader(OmegaConf.create({"dataset": dataset, "data": data}), "test", int(cfg.batch_size))
+    subset = Subset(full.dataset, spread_subset(len(full.dataset), cfg.max_samples))
+    loader = DataLoader(subset, batch_size=int(cfg.batch_size), shuffle=False, num_workers=full.num_workers)
+
+    embeddings, labels = {}, None
+    for branch in branches:
+        feats = extract_features(model.backbone, loader, branch, device)
+        embeddings[branch.value] = umap_embedding(feats.features, int(cfg.n_neighbors), int(cfg.random_state))
+        labels = feats.labels.numpy()
+    out = Path(cfg.output) if cfg.output else results_dir(cfg.ckpt, cfg.results_dir) / f"umap-{dataset.name}.png"
+    budget = "" if model.cfg.method.name == "vicreg" else f", t_d {float(model.cfg.budget):g}"
+    title = f"{model.cfg.method.name}{budget}: UMAP of {dataset.name} test features ({len(subset)} images)"
+    classes = getattr(full.dataset.base, "classes", None)
+    path = plot_embeddings(embeddings, labels, out, classes, title)
+    return {
+        "plot": str(path),
+        "dataset": str(dataset.name),
+        "branches": [b.value for b in branches],
+        "num_samples": len(subset),
+        "n_neighbors": min(int(cfg.n_neighbors), len(subset) - 1),
+        "ckpt": str(cfg.ckpt),
+    }
