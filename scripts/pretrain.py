@@ -42,12 +42,14 @@ def main(cfg: DictConfig) -> None:
         print(f"skipped (sweep_skip {rule}): {overrides}", file=sys.stderr)
         return
     if cfg.dry_run:  # the overrides reproduce the job alone; the shell comment says where it would write
+        OmegaConf.to_container(cfg, resolve=True)  # a broken interpolation fails now, not hours into a job
         print(f"job: {overrides}  # run_dir: {cfg.run_dir}", flush=True)
         return
-    from vdg.train import pretrain  # imported here so that a dry run lists a sweep without loading torch
+    from vdg.train import describe_summary, pretrain  # imported here: a dry run lists a sweep without torch
 
     summary = pretrain(cfg)
     print(json.dumps(summary, indent=2))
+    print(describe_summary(summary))
 
 
 if __name__ == "__main__":

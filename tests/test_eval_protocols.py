@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from vdg.checkpoint import CheckpointError, load_method
@@ -26,10 +28,10 @@ from vdg.eval.features import extract_features
 from vdg.eval.knn import knn_accuracy
 from vdg.eval.linear import LinearProtocol, train_linear_on_features
 from vdg.eval.paper_results import CellKey
-from vdg.eval.protocols import dataset_config, transfer_dataset
+from vdg.eval.protocols import data_config, dataset_config, eval_dataset, linear_protocol, transfer_dataset
 from vdg.eval.results import config_hash, result_filename, write_json
 from vdg.eval.tables import build_table, load_results, record_key
-from vdg.eval.umap_plot import spread_subset
+from vdg.eval.umap_plot import exact_knn, spread_subset
 from vdg.methods import build_method
 from vdg.train import pretrain
 
@@ -142,7 +144,13 @@ def test_rerunning_a_protocol_leaves_other_protocols_untouched(ckpts, tmp_path):
 # ----- transfer ----------------------------------------------------------------------------------------------
 def test_transfer_synthetic_to_digits(ckpts, tmp_path):
     records = evaluate_checkpoint(
-        ckpts["vdg"], "transfer", target="digits", branch="gated", runs=1, results_dir=str(tmp_path), **FAST
+        ckpts["vdg"],
+        "transfer",
+        target="digits",
+        branch="gated",
+        runs=1,
+        results_dir=str(tmp_path),
+        **{**FAST, "batch_size": 512},
     )
     assert [r["branch"] for r in records] == ["gated"]
     for record in records:
@@ -168,6 +176,21 @@ def test_transfer_keeps_the_pretraining_size_and_the_target_normalisation():
     assert (cifar.image_size, cifar.eval_resize, cifar.num_classes) == (96, 96, 100)
 
 
+def test_eval_options_reach_the_protocol():
+    pre = compose_config(["dataset=cifar100", "data.root=/pretrain/data"])
+    official = compose_config(["ckpt=x", "init=uniform", "weight_decay=1e-4", "image_stats=cifar10"], "linear_eval")
+    protocol = linear_protocol(official, seed=3)
+    assert (protocol.init, protocol.weight_decay, protocol.milestones, protocol.seed) == ("uniform", 1e-4, (60, 80), 3)
+    assert (protocol.epochs, protocol.lr, protocol.momentum, protocol.gamma) == (100, 0.3, 0.9, 0.1)
+    cifar10 = dataset_config("cifar10")
+    quirk = eval_dataset(pre, None, "cifar10")  # CIFAR-100 normalised with CIFAR-10's statistics
+    assert (quirk.name, list(quirk.eval_mean), list(quirk.eval_std)) == ("cifar100", cifar10.mean, cifar10.std)
+    assert list(eval_dataset(pre, None, "dataset").eval_mean) == list(pre.dataset.mean)
+    assert data_config(pre, official).root == "/pretrain/data"  # null: the checkpoint's own data.root
+    elsewhere = compose_config(["ckpt=x", "data.root=/here", "data.num_workers=0"], "linear_eval")
+    assert (data_config(pre, elsewhere).root, data_config(pre, elsewhere).num_workers) == ("/here", 0)
+
+
 # ----- UMAP --------------------------------------------------------------------------------------------------
 def run_script_here(name: str, *overrides: str) -> None:
     """Run scripts/<name> in this process (as `python scripts/<name> overrides...`): no second interpreter start."""
@@ -186,6 +209,15 @@ def test_umap_script_plots_both_branches(ckpts, tmp_path, capsys):
     assert summary["branches"] == ["dense", "gated"]
     assert (summary["num_samples"], summary["n_neighbors"]) == (32, 31)  # the tiny test split has 32 images
     assert (tmp_path / "u.png").read_bytes()[:8] == PNG
+
+
+def test_exact_knn_puts_each_row_first_and_matches_brute_force():
+    x = torch.randn(50, 8)
+    index, dist = exact_knn(x, 5, chunk=16)
+    brute = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+    assert (index[:, 0] == range(50)).all() and (dist[:, 0] == 0).all()
+    assert torch.equal(torch.from_numpy(index), brute.topk(5, largest=False).indices)
+    assert torch.allclose(torch.from_numpy(dist), brute.topk(5, largest=False).values, atol=1e-4)
 
 
 def test_spread_subset_covers_class_sorted_splits():
@@ -288,6 +320,11 @@ def test_api_config_equals_the_script_config():
         ["ckpt=x.ckpt", "eval=transfer", "target=cifar10", "epochs=3", "data.root=/d"], "linear_eval"
     )
     assert api == script
+    knn = compose_config(["ckpt=x.ckpt", "k=20"], "knn_eval")
+    with initialize_config_dir(config_dir=str(REPO / "tests"), version_base="1.3"):  # a running Hydra app
+        running = GlobalHydra.instance().hydra
+        assert eval_config("x.ckpt", "knn", k=20) == knn
+        assert GlobalHydra.instance().hydra is running  # given back untouched
 
 
 # ----- the scripts ------------------------------------------------------------------------------------------

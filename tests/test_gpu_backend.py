@@ -70,6 +70,8 @@ def test_device_batches_use_each_image_once_per_epoch_and_drop_last() -> None:
     assert not torch.equal(epochs[0], epochs[1])  # a fresh permutation each epoch
     replay = torch.cat([b[1] for b in DeviceBatchLoader(images, labels, 3, seed=0)])
     assert torch.equal(replay, epochs[0])  # seeded
+    loader.sampler.set_epoch(1)  # what Lightning calls at each epoch start (a resumed run too)
+    assert torch.equal(torch.cat([b[1] for b in loader]), epochs[1])
 
 
 def test_device_batches_shard_disjointly_over_ranks() -> None:

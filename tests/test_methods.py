@@ -5,7 +5,6 @@ Tiny width-4 backbones on random tensors; only the vdg_2x round trip runs a (sec
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import pytest
@@ -18,8 +17,19 @@ from vdg.methods import METHODS, VDG, BTDual, VDG2x, VICRegGating, build_method
 from vdg.models import BackboneOutput, Branch, BranchNorm, GatedResNet
 from vdg.models.flops import network_cost
 
+from .conftest import TINY, compose_config
+
 NEW_METHODS = ("vicreg_gating", "bt_dual", "vdg_2x")
 BATCH = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Width-4 models gain nothing from a second thread, and on shared busy cores two threads thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def batch(seed: int = 0) -> tuple[list[Tensor], Tensor]:
@@ -201,13 +211,24 @@ def test_vdg_2x_costs_and_validation_use_the_right_encoder(tiny_cfg, monkeypatch
     assert sorted((c[0], c[1].value) for c in calls) == [("dense_encoder", "dense"), ("gated_encoder", "gated")]
 
 
-def test_vdg_2x_pretrains_saves_and_reloads(tiny_cfg, tmp_path):
+@pytest.fixture(scope="module")
+def vdg_2x_run(tmp_path_factory) -> dict:
+    """The summary of a 1-epoch vdg_2x pretraining on synthetic data (with the final k-NN of both branches)."""
     from vdg.train import pretrain
 
-    summary = pretrain(tiny_cfg("method=vdg_2x", "final_knn.enabled=true"))
-    assert set(summary["knn"]) >= {"dense", "gated", "flops_ratio"}
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["method"] == "vdg_2x"
-    model = load_method(summary["checkpoint"], expected_method="vdg_2x")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("vdg_2x") / "run"
+    try:
+        return pretrain(compose_config([*TINY, "method=vdg_2x", "final_knn.enabled=true", f"run_dir={run_dir}"]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_vdg_2x_pretrains_saves_and_reloads(vdg_2x_run):
+    assert set(vdg_2x_run["knn"]) >= {"dense", "gated", "flops_ratio"}
+    assert vdg_2x_run["method"] == "vdg_2x"
+    model = load_method(vdg_2x_run["checkpoint"], expected_method="vdg_2x")
     assert isinstance(model.backbone.dense_encoder, GatedResNet)
     x = torch.randn(4, 3, 32, 32)
     for branch in ("dense", "gated"):
@@ -216,6 +237,14 @@ def test_vdg_2x_pretrains_saves_and_reloads(tiny_cfg, tmp_path):
         dense = model.backbone.dense_encoder(x, "dense").features
         assert torch.equal(model.backbone(x, "dense").features, dense)
         assert not torch.allclose(model.backbone(x, "gated").features, dense)
+
+
+def test_vdg_2x_checkpoints_evaluate_both_branches(vdg_2x_run, tmp_path):
+    api = pytest.importorskip("vdg.eval.api")
+    records = api.evaluate_checkpoint(vdg_2x_run["checkpoint"], "knn", results_dir=str(tmp_path))
+    assert {(r["method"], r["branch"]) for r in records} == {("vdg_2x", "dense"), ("vdg_2x", "gated")}
+    gated = next(r for r in records if r["branch"] == "gated")
+    assert 0 < gated["flops_reduction"] < 1
 
 
 # ----- VDG w/o invariance (Table 6) -----------------------------------------------------------------------

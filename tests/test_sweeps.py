@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -24,13 +25,15 @@ from .conftest import TINY, compose_config
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "pretrain.py"
 QUIET = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+# One torch thread per subprocess: width-4 models gain nothing from more, and on shared busy cores they thrash.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 BUDGETS = ("0.1", "0.3", "0.5")
 KNN_DATASETS = (("cifar100", BUDGETS), ("stl10", BUDGETS))
 
 
 def run_sweep(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     command = [sys.executable, str(SCRIPT), "-m", *args, f"hydra.sweep.dir={cwd / 'multirun'}", *QUIET]
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -195,7 +198,7 @@ class TinySweep:
             args.append("evaluate=[{protocol:knn,k:1,distance:euclidean}]")
         command = [sys.executable, str(SCRIPT), "-m", *args, f"hydra.sweep.dir={cwd / 'multirun'}", *QUIET]
         self.log = open(cwd / "sweep.log", "w")  # closed in wait() or at teardown
-        self.process = subprocess.Popen(command, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(command, cwd=cwd, env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 300) -> Path:
         if self.process.returncode is None:

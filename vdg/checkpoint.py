@@ -61,7 +61,13 @@ def load_method(path: str | Path, expected_method: str | None = None):  # noqa: 
     if expected_method is not None and cfg.method.name != expected_method:
         raise CheckpointError(f"{path} was trained with method {cfg.method.name!r}, expected {expected_method!r}")
     model = build_method(cfg)
-    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    except RuntimeError as err:  # same keys, other shapes (e.g. another width)
+        raise CheckpointError(
+            f"{path} does not fit a {cfg.method.name} model with backbone {model.backbone.arch_config()}: "
+            f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
+        ) from err
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not fit a {cfg.method.name} model with backbone {model.backbone.arch_config()}: "

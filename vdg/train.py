@@ -169,9 +169,33 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     )
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
 
+    summary = training_summary(cfg, model, trainer, timer, ckpt_path)
+    if cfg.final_knn.enabled:
+        summary["knn"] = final_knn(model, cfg)
+    if cfg.evaluate:
+        from vdg.eval.api import evaluate_checkpoint
+
+        summary["evaluations"] = [
+            record
+            for spec in OmegaConf.to_container(cfg.evaluate, resolve=True)
+            for record in evaluate_checkpoint(checkpoint_dir / "last.ckpt", **spec)
+        ]
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def training_summary(
+    cfg: DictConfig, model: BaseMethod, trainer: pl.Trainer, timer: EpochTimer, ckpt_path: Path | None
+) -> dict[str, Any]:
+    """What the run achieved. Re-running a finished run (e.g. a sweep that only adds evaluations) trains
+    nothing, so its training figures are taken from the previous summary instead of being blanked."""
+    previous = Path(cfg.run_dir) / "summary.json"
+    if ckpt_path is not None and not timer.durations and previous.exists():
+        kept = {k: v for k, v in json.loads(previous.read_text()).items() if k not in ("knn", "evaluations")}
+        return {**kept, "resumed_from": str(ckpt_path)}
     metrics = dict(trainer.callback_metrics.items())
     ratio = _metric(metrics, "val/flops_ratio")
-    summary: dict[str, Any] = {
+    return {
         "method": cfg.method.name,
         "dataset": cfg.dataset.name,
         "budget": float(cfg.budget),
@@ -185,17 +209,30 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         "flops_reduction_val": None if ratio is None else 1 - ratio,
         "dense_macs": model.cost.dense_macs,
         "width": int(cfg.backbone.width),
-        "checkpoint": str(checkpoint_dir / "last.ckpt"),
+        "checkpoint": str(Path(cfg.run_dir) / "checkpoints" / "last.ckpt"),
     }
-    if cfg.final_knn.enabled:
-        summary["knn"] = final_knn(model, cfg)
-    if cfg.evaluate:
-        from vdg.eval.api import evaluate_checkpoint
 
-        summary["evaluations"] = [
-            record
-            for spec in OmegaConf.to_container(cfg.evaluate, resolve=True)
-            for record in evaluate_checkpoint(checkpoint_dir / "last.ckpt", **spec)
-        ]
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+
+def describe_summary(summary: dict[str, Any]) -> str:
+    """A few human-readable lines about a finished run (printed after the JSON summary)."""
+    lines = [f"{summary['method']} on {summary['dataset']}: {summary['epochs']} epochs"]
+    if summary.get("mean_seconds_per_epoch"):
+        lines[0] += f", {summary['mean_seconds_per_epoch']:.1f} s/epoch"
+    if summary.get("width") != 64:
+        lines.append(
+            f"backbone width {summary['width']}: a narrow ResNet-18 ({(summary['width'] / 64) ** 2:.4g} of the "
+            "paper's MACs) so that it trains on a CPU; the paper's network is backbone.width=64"
+        )
+    probes = {k: v for k, v in (summary.get("probe_acc") or {}).items() if v is not None}
+    if probes:
+        lines.append("online linear probe top-1: " + ", ".join(f"{k} {v:.2f}%" for k, v in probes.items()))
+    knn = summary.get("knn")
+    if knn:
+        accs = ", ".join(f"{b} {knn[b]:.2f}%" for b in ("dense", "gated") if b in knn)
+        lines.append(f"k-NN (k={knn['k']}, {knn['distance']}) top-1 on the test split: {accs}")
+        if "flops_reduction" in knn:
+            lines.append(
+                f"gated network: {100 * knn['flops_ratio']:.1f}% of the dense MACs (FLOPs reduction "
+                f"{100 * knn['flops_reduction']:.1f}%, target t_d = {summary['budget']})"
+            )
+    return "\n".join(lines)

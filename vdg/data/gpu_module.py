@@ -6,6 +6,7 @@ No augmentation here (that is `vdg.data.gpu_augment`) and no Lightning wiring (t
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -15,10 +16,13 @@ BACKENDS = ("cpu", "gpu", "auto")
 
 
 def free_device_memory(device: torch.device) -> int:
-    """Free bytes on `device`: CUDA's free memory, or the host's available memory for a CPU device."""
+    """Free bytes on `device`: CUDA's free memory, else the host's available memory (unknown: no limit)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # sysconf names are POSIX extensions (absent on macOS)
+        return sys.maxsize
 
 
 def resolve_backend(
@@ -52,10 +56,11 @@ def resolve_backend(
 class DeviceBatchLoader:
     """Training batches of uint8 images [N, 3, H, W] and labels [N] that already live on one device.
 
-    Each epoch draws one random permutation on the device (from its own generator, seeded identically on every
-    rank) and slices it into batches of `batch_size`, dropping the last partial batch. With `world_size` > 1
-    the ranks take disjoint slices of each global batch, as a DistributedSampler would. Nothing is read back to
-    the host: one epoch is one randperm plus an index_select per step.
+    Each epoch draws one random permutation on the device, seeded by (seed, epoch) like a DistributedSampler, so
+    every rank draws the same one and a resumed run continues the same sequence; it is sliced into batches of
+    `batch_size`, dropping the last partial batch. With `world_size` > 1 the ranks take disjoint slices of each
+    global batch. Nothing is read back to the host: one epoch is one randperm plus an index_select per step.
+    The epoch advances by itself after each pass; Lightning also sets it (`set_epoch`, reached via `.sampler`).
 
     Example: ``for images, labels in DeviceBatchLoader(images.cuda(), labels.cuda(), 256): ...``
     """
@@ -81,18 +86,28 @@ class DeviceBatchLoader:
                 f"({batch_size} x {world_size} devices); lower data.batch_size"
             )
         self.images, self.labels = images, labels
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.generator = torch.Generator(device=images.device).manual_seed(seed)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.epoch = 0
 
     @property
     def device(self) -> torch.device:
         return self.images.device
 
+    @property
+    def sampler(self) -> DeviceBatchLoader:
+        """Where Lightning looks for `set_epoch` on a train loader (`_set_sampler_epoch`)."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __len__(self) -> int:
         return len(self.images) // (self.batch_size * self.world_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = torch.randperm(len(self.images), generator=self.generator, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.images), generator=generator, device=self.device)
         step = self.batch_size * self.world_size
         for i in range(len(self)):
             start = i * step + self.rank * self.batch_size

@@ -88,8 +88,14 @@ class PretrainDataModule(pl.LightningDataModule):
         recipes = view_recipes(ds)
         raw = build_dataset(ds, data, "pretrain")
         device = self.device
+        backend = str(data.backend)
+        if backend == "auto" and isinstance(raw, ImageFolderDataset) and ds.get("eval_resize") is not None:
+            # Large folder images (ImageNet-100) would be pre-resized for the device copy, which changes what
+            # RandomResizedCrop crops from; auto keeps the official full-resolution CPU pipeline for them
+            # (data.backend=gpu still forces the fast path).
+            backend = "cpu"
         self.backend = resolve_backend(
-            str(data.backend), _uint8_bytes(raw, size), device, float(data.get("gpu_memory_fraction", 0.5))
+            backend, _uint8_bytes(raw, size), device, float(data.get("gpu_memory_fraction", 0.5))
         )
         if self.backend == "gpu":
             if isinstance(raw, ImageFolderDataset):

@@ -12,10 +12,13 @@ A record is one JSON object per file in `<checkpoint dir>/results/` (one file pe
     metric, value    "top1", in percent: the mean over `runs`
     std, runs, seeds sample std (ddof 1; 0.0 for one run), every run's top-1, the seed of each run
                      (k-NN is deterministic: one run, seeds [])
-    k, distance      k-NN only (plus weighting, normalize)
+    k, distance      k-NN only ("cosine" = Table 3's l2-normalised 1-NN), plus weighting and normalize
     flops_reduction  1 - gated/dense MACs on the evaluated test split, a fraction (0.0 for the dense branch)
     dense_macs, gated_macs   MACs per image of the dense network and (mean) of the evaluated branch
     ckpt, config_hash        the checkpoint and `config_hash(pretraining config, eval config)`
+
+Also: image_size, num_train, num_test, eval_config (the whole eval config); linear/transfer: top5 (mean),
+final_train_loss (per run); gated branch: density_per_block (rho_b on the test split).
 """
 
 from __future__ import annotations

@@ -32,16 +32,40 @@ from vdg.eval.protocols import (
 from vdg.eval.results import results_dir
 
 
+def exact_knn(features: Tensor, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Indices [N, k] (int64) and euclidean distances [N, k] (float32) of every row's k nearest rows, the row
+    itself first at distance 0 (umap-learn's convention), computed exactly in chunks of `chunk` rows."""
+    x = features.float()
+    indices, distances = [], []
+    for start in range(0, x.shape[0], chunk):
+        dist = torch.cdist(x[start : start + chunk], x)
+        rows = torch.arange(dist.shape[0])
+        dist[rows, rows + start] = 0.0  # the matmul form of cdist leaves ~1e-3 on the diagonal
+        values, index = dist.topk(k, dim=1, largest=False)
+        indices.append(index)
+        distances.append(values)
+    return torch.cat(indices).numpy(), torch.cat(distances).numpy()
+
+
 def umap_embedding(features: Tensor, n_neighbors: int = 50, random_state: int = 42) -> np.ndarray:
-    """[N, D] features -> [N, 2] UMAP embedding; n_neighbors is capped at N - 1 (umap needs fewer than N)."""
+    """[N, D] features -> [N, 2] UMAP embedding; n_neighbors is capped at N - 1 (umap needs fewer than N).
+
+    The k-NN graph is computed exactly here and handed to umap-learn (`precomputed_knn`): the same neighbours
+    umap finds itself below 4,096 samples (above, it approximates), without compiling its numba search.
+    """
     import umap  # imported here: numba compiles on first use, which takes seconds
 
     n = features.shape[0]
     if n < 3:
         raise ValueError(f"UMAP needs at least 3 samples, got {n}")
-    reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, n - 1), random_state=random_state)
+    k = min(n_neighbors, n - 1)
+    reducer = umap.UMAP(
+        n_components=2, n_neighbors=k, random_state=random_state, precomputed_knn=(*exact_knn(features, k), None)
+    )
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="n_jobs value")  # fixing random_state makes umap single-threaded
+        # fixing random_state makes umap single-threaded; without a search index it cannot `transform` new data
+        warnings.filterwarnings("ignore", message="n_jobs value")
+        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
         return reducer.fit_transform(features.float().numpy())
 
 

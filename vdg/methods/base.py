@@ -65,12 +65,20 @@ class BaseMethod(pl.LightningModule):
         self.cfg = cfg
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
         self.budget = float(cfg.budget)
-        self.backbone = build_backbone(cfg, self.branches)
-        self.cost = network_cost(self.backbone, int(cfg.dataset.image_size))
+        self.backbone = self.build_backbone(cfg)
+        self.cost = self.build_cost(cfg)
         self.probes = nn.ModuleDict()
         if cfg.probe.enabled and cfg.dataset.get("has_labels", True):
             for branch in self.branches:
                 self.probes[branch.value] = nn.Linear(self.backbone.feature_dim, int(cfg.dataset.num_classes))
+
+    def build_backbone(self, cfg: DictConfig) -> nn.Module:
+        """The encoder serving `branches`; vdg_2x overrides it with two separate encoders."""
+        return build_backbone(cfg, self.branches)
+
+    def build_cost(self, cfg: DictConfig):  # noqa: ANN201 - NetworkCost
+        """Analytic MACs of the (gated) encoder at the dataset's input size."""
+        return network_cost(self.backbone, int(cfg.dataset.image_size))
 
     # ----- the science a subclass provides -------------------------------------------------------------
     def ssl_step(self, views: list[Tensor], targets: Tensor) -> StepOutput:
@@ -78,7 +86,7 @@ class BaseMethod(pl.LightningModule):
 
     # ----- shared pieces --------------------------------------------------------------------------------
     def encode(self, x: Tensor, branch: Branch) -> BackboneOutput:
-        if self.cfg.trainer.get("channels_last", False) and x.is_cuda:
+        if self.cfg.trainer.get("channels_last", False):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x, branch)
 
@@ -145,7 +153,8 @@ class BaseMethod(pl.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=targets.shape[0])
 
     def on_fit_start(self) -> None:
-        if self.cfg.trainer.get("channels_last", False) and self.device.type == "cuda":
+        # NHWC is faster for convolutions on GPUs (tensor cores) and on CPUs (oneDNN): ~3x for narrow nets
+        if self.cfg.trainer.get("channels_last", False):
             self.to(memory_format=torch.channels_last)
 
     def configure_optimizers(self) -> Any:

@@ -65,8 +65,9 @@ class VDG2x(VDG):
     name = "vdg_2x"
     branches = (Branch.DENSE, Branch.GATED)
 
-    def __init__(self, cfg) -> None:  # noqa: ANN001 - DictConfig
-        super().__init__(cfg)
-        # BaseMethod built one shared dual encoder; Table 5 replaces it by two that share no weights.
-        self.backbone = TwoEncoders(build_backbone(cfg, (Branch.GATED,)), build_backbone(cfg, (Branch.DENSE,)))
-        self.cost = network_cost(self.backbone.gated_encoder, int(cfg.dataset.image_size))
+    def build_backbone(self, cfg) -> TwoEncoders:  # noqa: ANN001 - DictConfig
+        # Table 5: two encoders that share no weights instead of one dual encoder.
+        return TwoEncoders(build_backbone(cfg, (Branch.GATED,)), build_backbone(cfg, (Branch.DENSE,)))
+
+    def build_cost(self, cfg):  # noqa: ANN001, ANN201
+        return network_cost(self.backbone.gated_encoder, int(cfg.dataset.image_size))
