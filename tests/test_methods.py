@@ -41,6 +41,11 @@ def batch(seed: int = 0) -> tuple[list[Tensor], Tensor]:
 Call = tuple[str, Branch, Tensor, BackboneOutput]
 
 
+def view_index(x: Tensor, views: list[Tensor]) -> int:
+    """Which view an encoder saw (by value: the method may change the memory format, e.g. channels_last)."""
+    return next(i for i, v in enumerate(views) if torch.equal(x, v))
+
+
 def spy(monkeypatch: pytest.MonkeyPatch, encoder: nn.Module, tag: str, calls: list[Call]) -> None:
     """Record (tag, branch, input, output) of every forward of `encoder`."""
     original = encoder.forward
@@ -79,7 +84,7 @@ def test_loss_decreases_on_a_fixed_batch(name, tiny_cfg):
     torch.manual_seed(0)
     model = build_method(tiny_cfg(f"method={name}"))
     views, targets = batch()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     start = seeded(lambda: model.ssl_step(views, targets).loss).item()
     for step in range(15):
         optimizer.zero_grad()
@@ -96,7 +101,7 @@ def test_vicreg_gating_runs_only_the_gated_network_on_both_views(tiny_cfg, monke
     spy(monkeypatch, model.backbone, "backbone", calls)
     views, targets = batch()
     step = model.ssl_step(views, targets)
-    assert [(c[1], c[2]) for c in calls] == [(Branch.GATED, views[0]), (Branch.GATED, views[1])]
+    assert [(c[1], view_index(c[2], views)) for c in calls] == [(Branch.GATED, 0), (Branch.GATED, 1)]
     assert set(step.features) == {Branch.GATED} and set(model.probes) == {"gated"}
 
 
@@ -128,7 +133,7 @@ def test_bt_dual_runs_gated_on_view0_and_dense_on_view1(tiny_cfg, monkeypatch):
     spy(monkeypatch, model.backbone, "backbone", calls)
     views, targets = batch()
     model.ssl_step(views, targets)
-    assert [(c[1], c[2]) for c in calls] == [(Branch.GATED, views[0]), (Branch.DENSE, views[1])]
+    assert [(c[1], view_index(c[2], views)) for c in calls] == [(Branch.GATED, 0), (Branch.DENSE, 1)]
 
 
 def test_bt_dual_loss_is_barlow_twins_on_the_shared_projector_plus_gate_losses(tiny_cfg, monkeypatch):
@@ -153,9 +158,9 @@ def test_vdg_2x_runs_the_gated_encoder_on_view0_and_the_dense_encoder_on_view1(t
     spy(monkeypatch, model.backbone.dense_encoder, "dense_encoder", calls)
     views, targets = batch()
     model.ssl_step(views, targets)
-    assert [(c[0], c[1], c[2]) for c in calls] == [
-        ("gated_encoder", Branch.GATED, views[0]),
-        ("dense_encoder", Branch.DENSE, views[1]),
+    assert [(c[0], c[1], view_index(c[2], views)) for c in calls] == [
+        ("gated_encoder", Branch.GATED, 0),
+        ("dense_encoder", Branch.DENSE, 1),
     ]
 
 
