@@ -45,9 +45,17 @@ def main(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True)  # a broken interpolation fails now, not hours into a job
         print(f"job: {overrides}  # run_dir: {cfg.run_dir}", flush=True)
         return
-    from vdg.train import describe_summary, pretrain  # imported here: a dry run lists a sweep without torch
+    # imported here: a dry run lists a sweep without loading torch
+    from vdg.callbacks import NonFiniteLossError
+    from vdg.checkpoint import CheckpointError
+    from vdg.config import ConfigError
+    from vdg.data.datasets import DataNotFoundError
+    from vdg.train import describe_summary, pretrain
 
-    summary = pretrain(cfg)
+    try:
+        summary = pretrain(cfg)
+    except (CheckpointError, ConfigError, DataNotFoundError, NonFiniteLossError) as err:
+        sys.exit(f"error: {err}")
     print(json.dumps(summary, indent=2))
     print(describe_summary(summary))
 

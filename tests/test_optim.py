@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -11,6 +12,8 @@ def reference_lars_step(params, groups, lr, momentum, eta, clip, bufs):
     """Per-tensor loop of the official LARS-wrapped SGD (reference §1.9), for comparison."""
     for group in groups:
         for p in group["params"]:
+            if p.grad is None:  # torch optimizers skip such tensors entirely (no state, no decay)
+                continue
             g = p.grad.clone()
             wd = group["weight_decay"]
             if group["lars"]:
@@ -63,6 +66,44 @@ def test_lars_equals_reference_loop(clip):
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("clip", [True, False])
+def test_lars_with_missing_grads_zero_norms_and_decay_on_excluded_groups(clip):
+    """Edge cases of one step function against the reference loop, over steps where the set of tensors with a
+    gradient changes (so some momentum buffers are new while others continue)."""
+    torch.manual_seed(0)
+    shapes = {"w": (4, 3), "zero_w": (4, 3), "zero_g": (5,), "no_grad": (2, 2), "late": (3, 3), "bias": (4,)}
+    params = {k: nn.Parameter(torch.randn(shape)) for k, shape in shapes.items()}
+    with torch.no_grad():
+        params["zero_w"].zero_()
+
+    def groups(tensors: dict) -> list[dict]:
+        lars = [tensors[k] for k in ("w", "zero_w", "zero_g", "no_grad", "late")]
+        # an excluded group that asks for weight decay still gets none (the official wrapper's behaviour)
+        return [
+            {"params": lars, "weight_decay": 1e-2, "lars": True},
+            {"params": [tensors["bias"]], "weight_decay": 0.5, "lars": False},
+        ]
+
+    ref = {k: nn.Parameter(p.detach().clone()) for k, p in params.items()}
+    opt = LARS(groups(params), lr=0.3, momentum=0.9, eta=0.02, clip_lr=clip)
+    bufs: dict = {}
+    for step in range(3):
+        for k in params:
+            grad = None
+            if k == "zero_g":
+                grad = torch.zeros(shapes[k])
+            elif k != "no_grad" and not (k == "late" and step == 0):
+                grad = torch.randn(shapes[k])
+            params[k].grad, ref[k].grad = grad, None if grad is None else grad.clone()
+        opt.step()
+        with torch.no_grad():
+            reference_lars_step(ref.values(), groups(ref), 0.3, 0.9, 0.02, clip, bufs)
+    for k in params:
+        torch.testing.assert_close(params[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert params["no_grad"] not in opt.state and torch.equal(params["no_grad"], ref["no_grad"])
+    assert torch.equal(params["zero_g"], ref["zero_g"])  # zero gradient: no LARS, no decay, no move
+
+
 def test_excluded_tensors_get_no_weight_decay():
     bias = nn.Parameter(torch.ones(3))
     bias.grad = torch.zeros(3)
@@ -80,3 +121,26 @@ def test_warmup_cosine_official_per_epoch_values():
     assert lr(255) == pytest.approx(0.3)
     assert lr(500) == pytest.approx(0.0, abs=1e-12)
     assert lr(499) == pytest.approx(0.6 * 0.5 * (1 + math.cos(math.pi * 489 / 490)))
+
+
+
+def test_lars_resumes_from_its_state_dict():
+    """Momentum buffers go through state_dict: a reloaded optimizer continues exactly as the original."""
+    torch.manual_seed(0)
+    grads = [torch.randn(6, 4) for _ in range(3)]
+
+    def make(w: nn.Parameter) -> LARS:
+        return LARS([{"params": [w], "weight_decay": 1e-2, "lars": True}], lr=0.3, momentum=0.9)
+
+    w = nn.Parameter(torch.randn(6, 4))
+    opt = make(w)
+    for g in grads[:2]:
+        w.grad = g.clone()
+        opt.step()
+    resumed = nn.Parameter(w.detach().clone())
+    reloaded = make(resumed)
+    reloaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for param, optimizer in ((w, opt), (resumed, reloaded)):
+        param.grad = grads[2].clone()
+        optimizer.step()
+    assert torch.equal(w, resumed)

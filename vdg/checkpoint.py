@@ -112,7 +112,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], keys=RESU
             a = a.get(part) if isinstance(a, dict) else None
             b = b.get(part) if isinstance(b, dict) else None
         flat_a, flat_b = _flatten(a, f"{key}."), _flatten(b, f"{key}.")
+        # keys the saved config lacks were added to vdg after that run: they cannot have changed
         for leaf in sorted(set(flat_a) | set(flat_b)):
-            if flat_a.get(leaf) != flat_b.get(leaf):
+            if leaf in flat_a and flat_a.get(leaf) != flat_b.get(leaf):
                 diffs.append(f"{leaf}: {flat_a.get(leaf)!r} -> {flat_b.get(leaf)!r}")
     return diffs

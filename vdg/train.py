@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from vdg.callbacks import FAULT_ENV, EpochTimer, FaultInjection, NonFiniteGuard, RNGState
 from vdg.checkpoint import CheckpointError, config_differences, read_checkpoint
@@ -38,7 +39,9 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
         kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     devices, nodes = kwargs["devices"], kwargs["num_nodes"]
     several = (isinstance(devices, int) and devices > 1) or nodes > 1 or devices in (-1, "auto")
-    kwargs["sync_batchnorm"] = bool(kwargs["sync_batchnorm"]) and several
+    on_gpu = kwargs["accelerator"] in ("gpu", "cuda") or (kwargs["accelerator"] == "auto" and torch.cuda.is_available())
+    # torch's SyncBatchNorm is GPU-only: with it, DDP over CPU processes (tests, debugging) fails to start
+    kwargs["sync_batchnorm"] = bool(kwargs["sync_batchnorm"]) and several and on_gpu
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -144,7 +147,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         saved = read_checkpoint(ckpt_path)
         resume_state = (int(saved["epoch"]) + 1, int(saved["global_step"]))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # under torchrun/srun every process runs this function
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     pl.seed_everything(int(cfg.seed), workers=True)
     datamodule = PretrainDataModule(cfg)
@@ -170,6 +174,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
 
     summary = training_summary(cfg, model, trainer, timer, ckpt_path)
+    if not trainer.is_global_zero:
+        return summary
     if cfg.final_knn.enabled:
         summary["knn"] = final_knn(model, cfg)
     if cfg.evaluate:

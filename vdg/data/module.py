@@ -41,9 +41,15 @@ def view_recipes(dataset_cfg: Any) -> list[ViewRecipe]:
     return [ViewRecipe.from_config(v) for v in views]
 
 
-def per_device_batch_size(cfg: Any) -> int:
-    """data.batch_size is the total batch over all devices and nodes (512 in the paper)."""
-    world = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes) if str(cfg.trainer.devices).isdigit() else 1
+def per_device_batch_size(cfg: Any, world: int | None = None) -> int:
+    """data.batch_size is the total batch over all devices and nodes (512 in the paper).
+
+    `world` is the number of processes (the Trainer's world size once known); without it, it is read from
+    trainer.devices x trainer.num_nodes when devices is an integer.
+    """
+    if world is None:
+        devices = str(cfg.trainer.devices)
+        world = int(devices) * int(cfg.trainer.num_nodes) if devices.isdigit() else 1
     total = int(cfg.data.batch_size)
     if total % world:
         raise ValueError(f"data.batch_size={total} must be divisible by devices x nodes = {world}")
@@ -84,6 +90,8 @@ class PretrainDataModule(pl.LightningDataModule):
         if self.backend is not None:  # Lightning calls setup once per stage; the data stay loaded
             return
         ds, data = self.cfg.dataset, self.cfg.data
+        if self.trainer is not None:  # devices=auto/-1 resolve only here
+            self.batch_size = per_device_batch_size(self.cfg, self.trainer.world_size)
         size, mean, std = int(ds.image_size), list(ds.mean), list(ds.std)
         recipes = view_recipes(ds)
         raw = build_dataset(ds, data, "pretrain")

@@ -1,6 +1,7 @@
 """VICReg loss (Bardes et al., ICLR 2022) with the official VDG code's reductions as the default.
 
-Pure function of two embedding batches; it knows nothing of branches, gates or process groups.
+Pure function of two embedding batches; it knows nothing of branches or gates, and of process groups only the
+optional gather of the global batch (`vdg.utils.distributed.gather_rows`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from vdg.utils.distributed import gather_rows
 
 VARIANCE_REDUCTIONS = ("sum", "mean")
 
@@ -35,6 +38,7 @@ def vicreg_loss(
     covariance_weight: float = 1.0,
     eps: float = 1e-4,
     variance_reduction: str = "sum",
+    gather_across_processes: bool = False,
 ) -> dict[str, Tensor]:
     """VICReg between two embedding batches [N, D] (row i of z1 and z2 are views of one image).
 
@@ -44,6 +48,13 @@ def vicreg_loss(
     the weights as mu (variance) = 25, nu (covariance) = 25 (code: 1) and eta (invariance) = 1 (code: 25); the
     defaults here are the code's 25 / 25 / 1.
 
+    gather_across_processes: under DDP, first all-gather z1 and z2 from every process (differentiably), so all
+    three terms see the global batch: every rank then gets the single-process loss of the whole batch, and
+    after DDP's gradient averaging the single-process gradient. False (default) keeps each process's loss on its
+    own shard, as the official VDG code does (the original VICReg code gathers for the variance and covariance
+    terms only: the invariance MSE is a mean over rows, so gathering it changes the per-rank value but not the
+    DDP-averaged gradient).
+
     Returns a dict with "loss" and the unweighted terms "invariance", "variance", "covariance".
     Computed in float32 whatever the autocast dtype, as the statistics are precision-sensitive.
     """
@@ -51,7 +62,9 @@ def vicreg_loss(
         raise ValueError(
             f"unknown method.variance_reduction {variance_reduction!r}; allowed values: {list(VARIANCE_REDUCTIONS)}"
         )
-    z1, z2 = z1.float(), z2.float()
+    z1, z2 = z1.float(), z2.float()  # before the gather too: its backward sums gradients over ranks
+    if gather_across_processes:
+        z1, z2 = gather_rows(z1), gather_rows(z2)
     invariance = F.mse_loss(z1, z2)
     variance = variance_term(z1, eps) + variance_term(z2, eps)
     if variance_reduction == "mean":

@@ -68,6 +68,7 @@ class BaseMethod(pl.LightningModule):
         self.backbone = self.build_backbone(cfg)
         self.cost = self.build_cost(cfg)
         self.probes = nn.ModuleDict()
+        self._compiled = False  # set by configure_model (trainer.compile)
         if cfg.probe.enabled and cfg.dataset.get("has_labels", True):
             for branch in self.branches:
                 self.probes[branch.value] = nn.Linear(self.backbone.feature_dim, int(cfg.dataset.num_classes))
@@ -113,12 +114,14 @@ class BaseMethod(pl.LightningModule):
     def probe_loss(self, features: dict[Branch, Tensor], targets: Tensor) -> dict[str, Tensor]:
         """Cross-entropy and accuracy of each branch's online linear probe on detached features."""
         out: dict[str, Tensor] = {}
-        labelled = targets >= 0
+        # mean over the labelled samples (label -1: none), 0 for a batch without any; a sum and a clamped count
+        # rather than `if labelled.any()`, which would read the device on the host every step
+        labelled = (targets >= 0).sum().clamp(min=1)
         for branch, feats in features.items():
             if branch.value not in self.probes:
                 continue
             logits = self.probes[branch.value](feats.detach())
-            ce = F.cross_entropy(logits, targets, ignore_index=-1) if labelled.any() else logits.sum() * 0
+            ce = F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / labelled
             out[f"probe_loss_{branch.value}"] = ce
             out[f"probe_acc_{branch.value}"] = (logits.argmax(1) == targets).float().mean()
         return out
@@ -131,11 +134,16 @@ class BaseMethod(pl.LightningModule):
         loss = step.loss + sum(v for k, v in probes.items() if k.startswith("probe_loss"))
         metrics = {f"train/{k}": v.detach() for k, v in {**step.terms, **probes}.items()}
         metrics["train/loss"] = step.loss.detach()
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=targets.shape[0])
-        if self.backbone.gated:
-            self.log("train/bound_p", self.bound_p, on_step=False, on_epoch=True, batch_size=targets.shape[0])
+        # accumulated on the device, read once per epoch; sync_dist averages over processes at epoch end only
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=targets.shape[0], sync_dist=True)
         # the terms travel to callbacks (the non-finite guard) without leaving the device
         return {"loss": loss, "terms": {**step.terms, **probes}}
+
+    def on_train_epoch_end(self) -> None:
+        # p is constant over an epoch; logged here because a Python float logged per step is copied to the device
+        # (a host-device synchronisation) on every step
+        if self.backbone.gated:
+            self.log("train/bound_p", self.bound_p, on_step=False, on_epoch=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, targets = batch
@@ -150,7 +158,22 @@ class BaseMethod(pl.LightningModule):
                 metrics["val/flops_ratio"] = self.cost.flops_ratio(active)
                 for i, d in enumerate(self.cost.channel_density(active).unbind()):
                     metrics[f"val/density_block{i}"] = d
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=targets.shape[0])
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=targets.shape[0], sync_dist=True)
+
+    def configure_model(self) -> None:
+        """trainer.compile: torch.compile the forward of the encoder and heads (not the probes, too small to gain).
+
+        `nn.Module.compile` compiles in place, so state-dict keys (checkpoints) stay those of the eager model.
+        The branch is an Enum constant, so dynamo builds one graph per branch (and one per train/eval mode);
+        dynamic=False keeps the training graphs static when validation's last, smaller batch adds its own.
+        Lightning calls this hook once per trainer entry point; the flag keeps it to one compilation.
+        """
+        if not self.cfg.trainer.get("compile", False) or self._compiled:
+            return
+        for name, module in self.named_children():
+            if name != "probes":
+                module.compile(dynamic=False)
+        self._compiled = True
 
     def on_fit_start(self) -> None:
         # NHWC is faster for convolutions on GPUs (tensor cores) and on CPUs (oneDNN): ~3x for narrow nets

@@ -13,7 +13,8 @@ class VICReg(BaseMethod):
     """Both views through the dense network and one projector; loss = VICReg(z0, z1).
 
     Config (method/vicreg.yaml): projector_hidden_dim, projector_output_dim, invariance_weight,
-    variance_weight, covariance_weight, eps, variance_reduction.
+    variance_weight, covariance_weight, eps, variance_reduction, gather_across_processes (DDP: the loss's
+    statistics over the global batch instead of each process's shard; see `vicreg_loss`).
     """
 
     name = "vicreg"
@@ -36,6 +37,7 @@ class VICReg(BaseMethod):
             float(m.covariance_weight),
             float(m.eps),
             str(m.variance_reduction),
+            bool(m.get("gather_across_processes", False)),
         )
 
     def ssl_step(self, views: list[Tensor], targets: Tensor) -> StepOutput:

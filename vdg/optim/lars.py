@@ -57,42 +57,48 @@ class LARS(Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            lr = group["lr"]
             if group["lars"]:
                 grads = self._trust_scaled(params, grads, group)
-            self._momentum_update(params, grads, group["momentum"], lr)
+            self._momentum_update(params, grads, group["momentum"], group["lr"])
         return loss
 
     @staticmethod
     def _trust_scaled(params: list[Tensor], grads: list[Tensor], group: dict) -> list[Tensor]:
+        """New gradients (g + wd * w) * s: s the trust ratio where ||w|| > 0 and ||g|| > 0, else as if skipped.
+
+        A skipped tensor keeps its plain gradient. It needs no branch on the host: with ||w|| = 0, w is zero and
+        g + wd * w = g (s = 1); with ||g|| = 0 the official update is g = 0, which s = 0 gives too.
+        """
         wd, eta, lr = group["weight_decay"], group["eta"], group["lr"]
         w_norm = torch.stack(torch._foreach_norm(params))
         g_norm = torch.stack(torch._foreach_norm(grads)).to(w_norm.dtype)
-        apply = (w_norm > 0) & (g_norm > 0)
         trust = eta * w_norm / (g_norm + wd * w_norm + 1e-8)
         if group["clip_lr"]:
             trust = torch.clamp(trust / lr, max=1.0) if lr > 0 else torch.ones_like(trust)
-        scale = torch.where(apply, trust, torch.ones_like(trust))
-        decay = torch.where(apply, torch.full_like(trust, wd), torch.zeros_like(trust))
-        scaled = torch._foreach_add(grads, torch._foreach_mul(params, list(decay.unbind())))
-        torch._foreach_mul_(scaled, list(scale.unbind()))
+        scale = torch.where(w_norm > 0, trust, torch.ones_like(trust))
+        scale = torch.where(g_norm > 0, scale, torch.zeros_like(trust))
+        factors = list(scale.unbind())  # 0-d device tensors: per-tensor factors without a host read
+        if not wd:
+            return torch._foreach_mul(grads, factors)
+        scaled = torch._foreach_add(grads, params, alpha=wd)
+        torch._foreach_mul_(scaled, factors)
         return scaled
 
     def _momentum_update(self, params: list[Tensor], grads: list[Tensor], momentum: float, lr: float) -> None:
+        """buf = momentum * buf + g (a new buffer starts as a copy of g, as in torch SGD); w -= lr * buf."""
         if momentum == 0:
             torch._foreach_add_(params, grads, alpha=-lr)
             return
-        bufs = []
-        for p, g in zip(params, grads, strict=True):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.clone(g).detach()
-                bufs.append(None)
-            else:
-                bufs.append(state["momentum_buffer"])
-        old = [(b, g) for b, g in zip(bufs, grads, strict=True) if b is not None]
+        # The buffers live in self.state (what state_dict saves and Lightning moves between devices), so they
+        # are looked up every step rather than cached in a list that those would silently leave stale.
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        old = [i for i, buf in enumerate(bufs) if buf is not None]
         if old:
-            old_bufs, old_grads = zip(*old, strict=True)
-            torch._foreach_mul_(list(old_bufs), momentum)
-            torch._foreach_add_(list(old_bufs), list(old_grads))
-        torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-lr)
+            old_bufs = bufs if len(old) == len(bufs) else [bufs[i] for i in old]
+            torch._foreach_mul_(old_bufs, momentum)
+            torch._foreach_add_(old_bufs, grads if len(old) == len(bufs) else [grads[i] for i in old])
+        if len(old) < len(bufs):  # new buffers, all at once: one foreach copy of their gradients
+            new = [i for i, buf in enumerate(bufs) if buf is None]
+            for i, buf in zip(new, torch._foreach_mul([grads[i] for i in new], 1.0), strict=True):
+                self.state[params[i]]["momentum_buffer"] = bufs[i] = buf
+        torch._foreach_add_(params, bufs, alpha=-lr)

@@ -1,0 +1,501 @@
+"""The README's commands and examples work, and its tables match the code.
+
+Every line of every ```bash block is a command. Each `python ...` command runs here, in this process, in a
+scratch directory, with tiny overrides appended (digits or synthetic data, width 4, 1 epoch), except those in
+`PARSE_ONLY` (they need GPUs, a network or a paper-scale run), which are composed with Hydra (`--cfg job`) or
+dry-run. `pip install` and `python -m pytest` lines are what .ci/run executes. A command this test does not know
+how to exercise fails it. Also here: the plot_pareto.py command's unit tests (vdg/eval/pareto.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import runpy
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vdg.eval.pareto import ours_points, paper_points, plot_pareto, record_panel
+from vdg.eval.tables import load_results
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+INSTALL = ["pip install torch==2.14.1 torchvision==0.29.1", 'pip install -e ".[dev]"']
+QUICKSTART = "python scripts/pretrain.py experiment=quickstart"
+FRESH_MACHINE = [" && ".join([*INSTALL, QUICKSTART]), " && ".join([*INSTALL, "python -m pytest -q"])]
+
+# Overrides appended to pretraining commands: a seconds-long run (width 4, 2 steps, 1 epoch).
+TINY = [
+    "backbone.width=4",
+    "method.projector_hidden_dim=32",
+    "method.projector_output_dim=32",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "data.pin_memory=false",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "scheduler.warmup_epochs=1",
+]
+SYNTHETIC = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32"]  # for datasets that download
+TINY_EVAL = {
+    "scripts/linear_eval.py": ["epochs=1", "runs=1", "batch_size=128"],
+    "scripts/umap_plot.py": ["max_samples=60"],
+    "scripts/export.py": ["overwrite=true"],
+}
+# Commands that cannot run here, with why, checked by composing their config instead.
+PARSE_ONLY = {
+    """python scripts/linear_eval.py 'ckpt="runs/vdg/cifar100/budget=0.3/seed=5/checkpoints/last.ckpt"' """
+    "eval=transfer target=cifar10": "needs a CIFAR-100 pretraining run",
+    "python scripts/pretrain.py dataset=imagenet100 data.root=/data/imagenet100 trainer.devices=4": "needs 4 GPUs",
+    "python scripts/pretrain.py dataset=cifar100 logger=wandb logger.wandb.mode=online logger.wandb.project=vdg": (
+        "needs the network and a wandb login"
+    ),
+    "python scripts/pretrain.py -m +sweep=table1": "a full sweep: dry-run instead",
+    "python scripts/pretrain.py -m +sweep=table4 seed=1,2,3": "a full sweep: dry-run instead",
+}
+
+
+class Block(NamedTuple):
+    info: str  # the fence's info string, e.g. "bash" or "python my_methods.py"
+    body: str
+
+
+def readme_blocks(text: str | None = None) -> list[Block]:
+    text = README.read_text() if text is None else text
+    return [Block(m[1].strip(), m[2]) for m in re.finditer(r"^```([^\n]*)\n(.*?)^```", text, re.M | re.S)]
+
+
+def readme_commands(text: str | None = None) -> list[str]:
+    """Every command line of the bash blocks: continuations joined, comments dropped, tokens normalised."""
+    commands = []
+    for block in readme_blocks(text):
+        if block.info != "bash":
+            continue
+        for line in block.body.replace("\\\n", " ").splitlines():
+            tokens = shlex.split(line, comments=True)
+            if tokens:
+                commands.append(shlex.join(tokens))
+    return commands
+
+
+def command_parts(command: str) -> list[list[str]]:
+    """A command split at `&&` into argument lists."""
+    parts, current = [], []
+    for token in shlex.split(command):
+        if token == "&&":
+            parts.append(current)
+            current = []
+        else:
+            current.append(token)
+    return [*parts, current]
+
+
+# every `python <script> ...` of the README (not `python -m pytest`), in README order
+PYTHON_COMMANDS = list(
+    dict.fromkeys(
+        shlex.join(part)
+        for command in readme_commands()
+        for part in command_parts(command)
+        if part[0] == "python" and part[1] != "-m"
+    )
+)
+
+
+def integrated(name: str) -> bool:
+    """Whether vdg/train.py calls `name` and configs/pretrain.yaml has the logger group (issue 8's diff)."""
+    defaults = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "pretrain.yaml").defaults)
+    has_group = any(isinstance(d, dict) and "logger" in d for d in defaults)
+    return has_group and name in (REPO / "vdg" / "train.py").read_text()
+
+
+def run_python(argv: list[str], cwd: Path, capsys) -> str:
+    """`python argv...` in this process from `cwd`; returns stdout. A non-zero exit fails the test."""
+    script = cwd / argv[0] if (cwd / argv[0]).is_file() else REPO / argv[0]
+    saved = sys.argv
+    sys.argv = [str(script), *argv[1:]]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exit_info:
+        if exit_info.code not in (0, None):
+            captured = capsys.readouterr()
+            pytest.fail(f"`python {shlex.join(argv)}` exited with {exit_info.code!r}\n{captured.err[-3000:]}")
+    finally:
+        sys.argv = saved
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A scratch directory in which the README's quickstart has run (tiny), plus a k-NN result of it."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("readme")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        argv = [*shlex.split(QUICKSTART)[1:], *TINY, "trainer.enable_progress_bar=false"]
+        saved = sys.argv
+        sys.argv = [str(REPO / argv[0]), *argv[1:]]
+        try:
+            runpy.run_path(str(REPO / argv[0]), run_name="__main__")
+        finally:
+            sys.argv = saved
+        from vdg.eval.api import evaluate_checkpoint
+
+        evaluate_checkpoint(root / "runs/quickstart/checkpoints/last.ckpt", "knn")
+    return root
+
+
+@pytest.fixture
+def quiet_wandb(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+# ----- the fresh-machine commands ----------------------------------------------------------------------------
+
+
+def test_fresh_machine_commands_are_single_readme_lines():
+    lines = [line.strip() for block in readme_blocks() if block.info == "bash" for line in block.body.splitlines()]
+    for command in FRESH_MACHINE:
+        assert command in lines, command
+
+
+def test_ci_runs_the_readme_install_and_test_command():
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    for step in [*INSTALL, "python -m pytest -q"]:
+        assert step.replace("pip", "python -m pip", 1) in ci or step in ci, step
+
+
+def test_every_readme_command_is_exercised_here_or_in_ci():
+    known_scripts = {"my_methods.py"} | {f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py")}
+    for command in readme_commands():
+        for part in command_parts(command):
+            text = shlex.join(part)
+            if part[0] == "pip":
+                assert part in [shlex.split(step) for step in INSTALL], f"unknown install step in the README: {text}"
+            elif part[:2] == ["python", "-m"]:
+                assert text == "python -m pytest -q", f"unknown module command in the README: {text}"
+            else:
+                assert part[0] == "python", f"README command this test cannot run: {text}"
+                script = next(t for t in part[1:] if not t.startswith("-"))
+                assert script in known_scripts, f"README runs unknown script {script}"
+                assert text in PYTHON_COMMANDS
+    assert set(PARSE_ONLY) <= set(PYTHON_COMMANDS), "PARSE_ONLY names commands the README no longer has"
+
+
+# ----- every python command ----------------------------------------------------------------------------------
+
+
+def tiny_overrides(argv: list[str], index: int) -> list[str]:
+    """What to append to a README command so that it runs here in seconds."""
+    script = argv[0]
+    if script in ("scripts/pretrain.py", "my_methods.py"):
+        if "-m" in argv:
+            return []  # sweeps only dry-run here
+        extra = [*TINY] if "experiment=quickstart" in argv else [*SYNTHETIC, *TINY]
+        if not any(a.startswith("trainer.progress") for a in argv):
+            extra.append("trainer.enable_progress_bar=false")
+        return [*extra, f"run_dir=runs/readme/{index}"]
+    return TINY_EVAL.get(script, [])
+
+
+def parse_only(argv: list[str], cwd: Path, capsys) -> None:
+    """Compose the command's config without running it: a sweep dry-runs, anything else prints `--cfg job`."""
+    if "-m" in argv:
+        out = run_python([*argv, "dry_run=true"], cwd, capsys)
+        assert out.count("job: ") > 1
+    else:
+        out = run_python([*argv, "--cfg", "job"], cwd, capsys)
+        config = OmegaConf.create(out)
+        for override in argv[1:]:
+            key, _, value = override.partition("=")
+            chosen = OmegaConf.select(config, key) if "/" not in key and not key.startswith("+") else None
+            if OmegaConf.is_config(chosen):  # a config group: its option names itself
+                chosen = chosen.get("name")
+            if chosen is not None:
+                assert str(chosen) == value.strip("\"'"), override
+
+
+@pytest.mark.parametrize("command", PYTHON_COMMANDS)
+def test_readme_command(command, workdir, tmp_path, monkeypatch, capsys, quiet_wandb):
+    argv = shlex.split(command)[1:]
+    uses = " ".join(argv)
+    if ("logger=" in uses and not integrated("build_loggers")) or (
+        "trainer.progress" in uses and not integrated("progress_callbacks")
+    ):
+        pytest.skip("needs issue 8's diff to vdg/train.py and configs/pretrain.yaml (logger group, progress)")
+    if "logger=tensorboard" in uses and not importlib.util.find_spec("tensorboard"):
+        pytest.skip("tensorboard is not installed (pip install -e '.[tensorboard]')")
+    if command == QUICKSTART:  # the workdir fixture ran it (tiny)
+        summary = json.loads((workdir / "runs/quickstart/summary.json").read_text())
+        assert summary["method"] == "vdg" and summary["dataset"] == "digits" and "knn" in summary
+        return
+    cwd = workdir
+    if argv[0] == "my_methods.py":
+        cwd = make_fork(tmp_path)
+    monkeypatch.chdir(cwd)
+    if "hydra/launcher=submitit_slurm" in argv:
+        return check_slurm_command(argv, cwd, capsys)
+    if command in PARSE_ONLY:
+        return parse_only(argv, cwd, capsys)
+    index = PYTHON_COMMANDS.index(command)
+    try:
+        out = run_python([*argv, *tiny_overrides(argv, index)], cwd, capsys)
+    finally:
+        if argv[0] == "my_methods.py":
+            from vdg.methods import METHODS
+
+            METHODS.pop("bt_gating", None)
+    check_outputs(argv, out, cwd, index)
+
+
+def check_outputs(argv: list[str], out: str, cwd: Path, index: int) -> None:
+    """A few facts each kind of command must have produced, beyond exiting with 0."""
+    script = argv[0]
+    if script in ("scripts/pretrain.py", "my_methods.py") and "-m" not in argv:
+        summary = json.loads((cwd / f"runs/readme/{index}/summary.json").read_text())
+        method = next((a.split("=", 1)[1] for a in argv if a.startswith("method=")), "vdg")
+        assert summary["method"] == method and summary["epochs"] == 1
+        if "logger=wandb" in argv:
+            assert list((cwd / f"runs/readme/{index}/wandb").glob("offline-run-*"))
+        if "logger=tensorboard" in argv:
+            assert list((cwd / f"runs/readme/{index}/tensorboard").glob("events.out.tfevents.*"))
+        if "trainer.progress=plain" in argv:
+            assert re.search(r"\[vdg\] epoch 1/1 done in ", out)
+    elif "dry_run=true" in argv:
+        assert out.count("job: ") == 26  # Table 1's grid, as the README says
+    elif script in ("scripts/knn_eval.py", "scripts/linear_eval.py"):
+        records = [json.loads(chunk) for chunk in re.findall(r"^\{.*?^\}", out, re.M | re.S)]
+        assert {r["branch"] for r in records} == ({"gated"} if "branch=gated" in argv else {"dense", "gated"})
+        assert all(0 <= r["value"] <= 100 for r in records)
+    elif script == "scripts/flops.py":
+        summary = json.loads(out)
+        if "dataset=imagenet100" in argv:
+            assert summary["dense_macs"] == 1_813_561_344  # the README's 1.81E9
+        if "report=true" in argv:
+            assert (cwd / "runs/quickstart/checkpoints/results/channel_usage.png").read_bytes().startswith(PNG)
+    elif script == "scripts/umap_plot.py":
+        assert Path(json.loads(out)["plot"]).read_bytes().startswith(PNG)
+    elif script == "scripts/make_tables.py":
+        assert "Table 1" in out and (cwd / "runs/tables/table1.md").is_file()
+    elif script == "scripts/plot_pareto.py":
+        assert (cwd / "runs/plots/pareto-knn-k1-euclidean-digits.png").read_bytes().startswith(PNG)
+    elif script == "scripts/export.py":
+        paths = json.loads(out)
+        assert all(Path(p).is_file() for p in paths.values())
+
+
+def check_slurm_command(argv: list[str], cwd: Path, capsys) -> None:
+    """The SLURM form: its sweep dry-runs with the basic launcher; with hydra-submitit-launcher installed, the
+    launcher's keys are also composed (`--cfg hydra`), which fails on a misspelt or unknown key."""
+    launcher = [a for a in argv if a.startswith(("hydra/launcher=", "hydra.launcher."))]
+    sweep = [a for a in argv if a not in launcher]
+    assert run_python([*sweep, "dry_run=true"], cwd, capsys).count("job: ") == 26
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        pytest.skip("hydra-submitit-launcher is not installed (pip install -e '.[slurm]'): launcher keys unchecked")
+    out = run_python([a for a in argv if a != "-m"] + ["--cfg", "hydra"], cwd, capsys)
+    launched = OmegaConf.create(out).hydra.launcher
+    assert "SlurmLauncher" in launched._target_
+    for override in launcher[1:]:
+        key, _, value = override.partition("=")
+        assert str(OmegaConf.select(launched, key.removeprefix("hydra.launcher."))) == value
+
+
+# ----- the python and yaml examples --------------------------------------------------------------------------
+
+
+def example(info: str) -> str:
+    (block,) = [b for b in readme_blocks() if b.info == info]
+    return block.body
+
+
+def make_fork(root: Path) -> Path:
+    """A fork as the README tells one to make it: my_methods.py in the root, the method yaml in configs/."""
+    fork = root / "fork"
+    shutil.copytree(REPO / "scripts", fork / "scripts")
+    shutil.copytree(REPO / "configs", fork / "configs")
+    (fork / "my_methods.py").write_text(example("python my_methods.py"))
+    (fork / "configs/method/bt_gating.yaml").write_text(example("yaml configs/method/bt_gating.yaml"))
+    return fork
+
+
+def test_method_example_is_about_thirty_lines_and_registers_its_method(tmp_path):
+    source = example("python my_methods.py")
+    assert 25 <= len(source.splitlines()) <= 45
+    from vdg.methods import METHODS
+
+    namespace: dict = {"__name__": "my_methods", "__file__": str(tmp_path / "my_methods.py")}
+    try:
+        exec(compile(source, "my_methods.py", "exec"), namespace)
+        assert METHODS["bt_gating"] is namespace["BTGating"]
+        assert OmegaConf.create(example("yaml configs/method/bt_gating.yaml")).name == "bt_gating"
+    finally:
+        METHODS.pop("bt_gating", None)
+
+
+def test_load_backbone_example_runs_on_an_export(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    run_python(
+        ["scripts/export.py", "ckpt=runs/quickstart/checkpoints/last.ckpt", "branch=gated", "overwrite=true"],
+        workdir,
+        capsys,
+    )
+    exec(compile(example("python"), "README example", "exec"), {"__name__": "__main__"})
+    printed = capsys.readouterr().out
+    assert printed.startswith("torch.Size([8, 32]) gated 0.5 [")  # width 4 here: 32-d features, t_d of quickstart
+
+
+# ----- tables of the README against the code -----------------------------------------------------------------
+
+
+def section(title: str) -> str:
+    """The README text under `## title`, up to the next section."""
+    return README.read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_config_group_table_lists_every_option():
+    rows = re.findall(r"^\| `(\w+)/` \| (.*?) \|", section("Configuration"), re.M)
+    groups = {p.name for p in (REPO / "configs").iterdir() if p.is_dir()}
+    assert {group for group, _ in rows} == groups
+    for group, options in rows:
+        assert re.findall(r"`([\w+-]+)`", options) and set(re.findall(r"`([\w+-]+)`", options)) == {
+            p.stem for p in (REPO / "configs" / group).glob("*.yaml")
+        }, group
+
+
+def test_config_group_defaults_come_first():
+    defaults = {}
+    for entry in OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "pretrain.yaml").defaults):
+        if isinstance(entry, dict):
+            defaults.update({k: v for k, v in entry.items() if v})
+    rows = dict(re.findall(r"^\| `(\w+)/` \| `([\w+-]+)`", section("Configuration"), re.M))
+    for group, option in defaults.items():
+        assert rows[group] == option, group
+
+
+def test_package_map_covers_every_module():
+    text = section("Package map")
+    mapped = set(re.findall(r"^\| `(vdg/[\w/]+\.py)` \|", text, re.M))
+    modules = {str(p.relative_to(REPO)) for p in (REPO / "vdg").rglob("*.py") if p.name != "__init__.py"}
+    modules.add("vdg/methods/__init__.py")  # the registry is worth its own line
+    assert mapped == modules, f"missing: {sorted(modules - mapped)}, stale: {sorted(mapped - modules)}"
+    scripts = {p.stem for p in (REPO / "scripts").glob("*.py")}
+    (line,) = [line for line in text.splitlines() if line.startswith("| `scripts/` |")]
+    assert scripts <= set(re.findall(r"\w+", line)), sorted(scripts - set(re.findall(r"\w+", line)))
+
+
+def test_relative_links_point_to_files():
+    for target in re.findall(r"\]\(((?:docs|vdg|configs|notebooks|scripts)/[^)#]+)\)", README.read_text()):
+        if target == "docs/distributed.md" and not (REPO / target).exists():
+            continue  # written with the multi-GPU work
+        assert (REPO / target).exists(), target
+
+
+def test_readme_parsers():
+    text = "x\n```bash\npython a.py k=1 \\\n    j=2  # note\n# only a comment\n\n```\n```python f.py\nprint(1)\n```\n"
+    assert readme_commands(text) == ["python a.py k=1 j=2"]
+    assert readme_blocks(text)[1] == Block("python f.py", "print(1)\n")
+    assert command_parts("pip install x && python -m pytest -q") == [
+        ["pip", "install", "x"],
+        ["python", "-m", "pytest", "-q"],
+    ]
+
+
+# ----- plot_pareto.py and vdg/eval/pareto.py -----------------------------------------------------------------
+
+
+def record(method: str, branch: str, budget: float | None, value: float, reduction: float, **extra) -> dict:
+    return {
+        "protocol": "linear",
+        "method": method,
+        "method_config": {},
+        "pretrain_dataset": "cifar10",
+        "dataset": "cifar10",
+        "budget": budget,
+        "seed": 5,
+        "branch": branch,
+        "metric": "top1",
+        "value": value,
+        "runs": [value],
+        "flops_reduction": reduction,
+        **extra,
+    }
+
+
+def write_records(folder: Path, records: list[dict]) -> Path:
+    for i, r in enumerate(records):
+        (folder / f"{i}.json").write_text(json.dumps(r))
+    return folder
+
+
+def test_ours_points_pool_runs_per_budget_and_branch():
+    records = [
+        record("vdg", "gated", 0.3, 90.0, 0.66, runs=[89.0, 91.0]),
+        record("vdg", "gated", 0.3, 92.0, 0.68),  # a second record of the same cell is pooled
+        record("vdg", "dense", 0.3, 91.0, 0.0),
+        record("vicreg", "dense", 0.3, 93.0, 0.0),
+        record("vdg", "gated", 0.3, 50.0, 0.6, protocol="transfer", dataset="stl10"),  # not same-dataset
+        {"protocol": "flops", "method": "vdg", "dataset": "cifar10", "pretrain_dataset": "cifar10"},
+    ]
+    points = {(p.model, p.branch, p.budget): p for p in ours_points(records)}
+    assert set(points) == {("vdg", "gated", 0.3), ("vdg", "dense", 0.3), ("vicreg", "dense", None)}
+    gated = points[("vdg", "gated", 0.3)]
+    assert gated.top1 == pytest.approx(92.0 * 1 / 3 + 90.0 * 2 / 3) and gated.runs == 3
+    assert gated.flops_reduction == pytest.approx(67.0) and gated.panel == "linear" and gated.source == "ours"
+    assert points[("vdg", "dense", 0.3)].flops_reduction == 0.0
+
+
+def test_record_panels():
+    assert record_panel(record("vdg", "gated", 0.3, 1, 0)) == "linear"
+    knn = dict(record("vdg", "gated", 0.3, 1, 0), protocol="knn", k=1, distance="euclidean")
+    assert record_panel(knn) == "knn-k1-euclidean"
+    assert record_panel({**knn, "normalize": True}) == "knn-k1-euclidean-l2"
+    assert record_panel({**knn, "distance": "cosine", "k": 20}) == "knn-k20-cosine"
+    assert record_panel({**knn, "dataset": "stl10"}) is None
+
+
+def test_paper_points_are_the_papers_numbers():
+    points = paper_points("linear", "cifar10", {"vdg", "vicreg"})
+    gated = sorted((p.budget, p.top1, p.flops_reduction) for p in points if p.branch == "gated")
+    assert gated == [(0.1, 88.94, 81.49), (0.3, 90.27, 66.43), (0.5, 90.40, 49.02)]  # paper Table 1
+    dense = sorted((p.model, p.budget, p.top1, p.flops_reduction) for p in points if p.branch == "dense")
+    assert dense == [
+        ("vdg", 0.1, 88.99, 0.0),
+        ("vdg", 0.3, 90.38, 0.0),
+        ("vdg", 0.5, 90.20, 0.0),
+        ("vicreg", None, 91.11, 0.0),
+    ]
+    knn = paper_points("knn-k1-euclidean", "cifar100", {"vdg"})  # Tables 4-6 repeat VDG: each cell once
+    assert len(knn) == 6 and {p.top1 for p in knn if p.branch == "gated"} == {54.66, 55.53, 57.25}
+    assert paper_points("knn-k1-cosine", "cifar100", {"vdg"}) == []  # Table 3 prints no FLOPs reduction
+    assert paper_points("linear", "digits", {"vdg"}) == []
+
+
+def test_plot_pareto_writes_one_png_per_protocol_and_dataset(tmp_path):
+    knn = dict(record("vdg", "gated", 0.3, 55.0, 0.66), protocol="knn", k=1, distance="euclidean")
+    write_records(tmp_path, [record("vdg", "gated", 0.3, 90.0, 0.66), record("vdg", "dense", 0.3, 91.0, 0.0), knn])
+    paths = plot_pareto(tmp_path)
+    assert [p.name for p in paths] == ["pareto-knn-k1-euclidean-cifar10.png", "pareto-linear-cifar10.png"]
+    assert all(p.parent == tmp_path / "plots" and p.read_bytes().startswith(PNG) for p in paths)
+    assert load_results(tmp_path)  # the plots folder holds no JSON that could be mistaken for results
+
+
+def test_plot_pareto_without_records_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match="no linear or k-NN result records"):
+        plot_pareto(tmp_path)
+    script = runpy.run_path(str(REPO / "scripts" / "plot_pareto.py"))
+    with pytest.raises(SystemExit) as exit_info:
+        script["main"]([str(tmp_path)])
+    assert exit_info.value.code == 2 and "no linear or k-NN result records" in capsys.readouterr().err

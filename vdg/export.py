@@ -1,0 +1,242 @@
+"""Export one branch of a pretraining checkpoint as a plain backbone for downstream code, and load it back.
+
+`export_backbone` writes the branch's weights (.pt and .safetensors) and a JSON describing them;
+`load_backbone` rebuilds a ready-to-use module from those files. Weights only: no pickled code is written or read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vdg.checkpoint import CheckpointError, load_method, read_checkpoint, require_branch
+from vdg.models import BackboneOutput, Branch, GatedResNet
+
+EXPORT_FORMAT = "vdg-backbone"
+FORMAT_VERSION = 1
+WEIGHT_SUFFIXES = (".safetensors", ".pt")
+METADATA_KEY = "vdg_export"  # the export JSON, also stored in the .safetensors header
+
+
+class BranchBackbone(nn.Module):
+    """A `GatedResNet` with its branch fixed: forward(x [N, 3, H, W]) -> features [N, feature_dim] (512 at width 64).
+
+    In eval mode (as `load_backbone` returns it) the gated branch uses the deterministic masks 1[logit >= 0]
+    of the paper's inference; in train mode it samples them. `encode(x)` returns the `BackboneOutput` with the
+    masks. `config` is the export JSON: architecture, branch, t_d, input normalisation (mean/std), provenance.
+    """
+
+    def __init__(self, encoder: GatedResNet, branch: str | Branch, config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.branch = Branch.parse(branch)
+        if self.branch not in encoder.branches:
+            raise ValueError(f"the encoder serves {[b.value for b in encoder.branches]}, not {self.branch.value!r}")
+        self.encoder = encoder
+        self.config = dict(config or {})
+
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.feature_dim
+
+    def encode(self, x: Tensor) -> BackboneOutput:
+        return self.encoder(x, self.branch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x, self.branch).features
+
+
+def _build_encoder(arch: dict[str, Any], branch: Branch, gate_temperature: float) -> GatedResNet:
+    if arch.get("name") != "resnet18":
+        raise ValueError(f"cannot build backbone {arch.get('name')!r}; vdg exports resnet18 encoders")
+    return GatedResNet(
+        width=int(arch["width"]),
+        stem=str(arch["stem"]),
+        branches=(branch,),
+        bn_split=str(arch["bn_split"]),
+        gate_reduction=int(arch["gate_reduction"] or 4),
+        gate_temperature=float(gate_temperature),
+        gate_bias_init=0.0 if arch["gate_bias"] else None,  # the value is overwritten by the loaded weights
+    )
+
+
+def branch_encoder(backbone: nn.Module, branch: str | Branch) -> GatedResNet:
+    """A single-branch `GatedResNet` computing exactly `backbone(x, branch)`.
+
+    It keeps the branch's own BatchNorms (or the shared ones) and, for the gated branch, the gates; the other
+    branch's BatchNorms, and the gates of a dense export, are left out. vdg_2x's `TwoEncoders` gives the
+    encoder of that branch.
+    """
+    branch = Branch.parse(branch)
+    source = backbone
+    if not isinstance(source, GatedResNet):  # vdg_2x: one encoder per branch
+        source = backbone.gated_encoder if branch is Branch.GATED else backbone.dense_encoder
+    if branch not in source.branches:
+        raise ValueError(f"this backbone serves {[b.value for b in source.branches]}, not {branch.value!r}")
+    gate = source.blocks[0].gate
+    encoder = _build_encoder(source.arch_config(), branch, gate.temperature if gate is not None else 2.0 / 3.0)
+    weights = source.state_dict()
+    state = {}
+    for key in encoder.state_dict():
+        # single-branch encoders name every BatchNorm "shared"; the source may name it after the branch
+        candidates = (key.replace(".norms.shared.", f".norms.{branch.value}."), key)
+        found = next((k for k in candidates if k in weights), None)
+        if found is None:
+            raise CheckpointError(f"the {branch.value} branch has no weights for {key!r}")
+        state[key] = weights[found].detach().clone()
+    encoder.load_state_dict(state, strict=True)
+    return encoder.eval()
+
+
+def export_name(method: str, dataset: str, budget: float | None, branch: str | Branch) -> str:
+    """`<method>-<dataset>-td<t_d>-<branch>`, e.g. vdg-cifar100-td0.3-gated; budget None (dense-only methods,
+    where t_d means nothing) leaves the t_d part out: vicreg-cifar100-dense."""
+    td = "" if budget is None else f"-td{float(budget):g}"
+    return f"{method}-{dataset}{td}-{Branch.parse(branch).value}"
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """`write(temp_path)` into the target folder, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_backbone(
+    ckpt: str | Path,
+    branch: str | Branch,
+    out_dir: str | Path | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+    expected_method: str | None = None,
+) -> dict[str, Path]:
+    """Write one branch of a checkpoint's backbone as <name>.pt, <name>.safetensors and <name>.json.
+
+    out_dir: default <checkpoint dir>/export; name: default `export_name`. Existing files are refused unless
+    `overwrite`. Returns {"pt": ..., "safetensors": ..., "json": ...}. The JSON holds the architecture
+    (`GatedResNet.arch_config()`), the gate settings, t_d, the input normalisation and the source checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    model = load_method(ckpt, expected_method)  # weights_only, strict, eval mode
+    branch = require_branch(model, branch)
+    encoder = branch_encoder(model.backbone, branch)
+    source = read_checkpoint(ckpt)
+    cfg = model.cfg
+    budget = float(cfg.budget) if model.backbone.gated else None
+    stem = name or export_name(str(cfg.method.name), str(cfg.dataset.name), budget, branch)
+    out = Path(out_dir) if out_dir is not None else Path(ckpt).resolve().parent / "export"
+    paths = {"pt": out / f"{stem}.pt", "safetensors": out / f"{stem}.safetensors", "json": out / f"{stem}.json"}
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=true to replace them")
+
+    gate = encoder.blocks[0].gate
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "branch": branch.value,
+        "arch": encoder.arch_config(),
+        "feature_dim": encoder.feature_dim,
+        "gate": None
+        if gate is None
+        else {
+            "reduction": gate.reduction,
+            "bias": gate.expand.bias is not None,
+            "temperature": gate.temperature,  # of the training-time sampler; eval masks are 1[logit >= 0]
+            "eval_mask": "1[logit >= 0]",
+        },
+        "budget": budget,  # t_d the run was trained for (None for dense-only methods)
+        "method": str(cfg.method.name),
+        "pretrain_dataset": str(cfg.dataset.name),
+        "image_size": int(cfg.dataset.image_size),
+        "normalize": {"mean": list(cfg.dataset.eval_mean), "std": list(cfg.dataset.eval_std)},
+        "dense_macs": int(model.cost.dense_macs),
+        "source": {
+            "checkpoint": str(Path(ckpt).resolve()),
+            "epoch": int(source.get("epoch", -1)),
+            "global_step": int(source.get("global_step", -1)),
+            "arch": model.backbone.arch_config(),
+        },
+        "files": {key: path.name for key, path in paths.items() if key != "json"},
+    }
+    state = {key: value.contiguous() for key, value in encoder.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(paths["pt"], lambda tmp: torch.save(state, tmp))
+    _atomic_write(paths["safetensors"], lambda tmp: save_file(state, tmp, {METADATA_KEY: json.dumps(metadata)}))
+    _atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
+    return paths
+
+
+def _read_export(path: Path) -> tuple[dict[str, Any], Path]:
+    """The export JSON and the weights file for `path` (any of the three files of one export)."""
+    if path.suffix not in (*WEIGHT_SUFFIXES, ".json"):
+        raise ValueError(f"{path}: expected an exported .safetensors, .pt or .json file (scripts/export.py)")
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        metadata = json.loads(sidecar.read_text())
+    elif path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = (f.metadata() or {}).get(METADATA_KEY)
+        if header is None:
+            raise ValueError(f"{path} is not a vdg export: no {sidecar.name} and no vdg metadata in the file")
+        metadata = json.loads(header)
+    else:
+        raise FileNotFoundError(f"{sidecar} not found: it describes the architecture of the exported weights")
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{sidecar} is not a vdg backbone export (format {metadata.get('format')!r})")
+    if path.suffix in WEIGHT_SUFFIXES:
+        weights = path
+    else:  # the JSON: prefer safetensors
+        candidates = [path.with_suffix(suffix) for suffix in WEIGHT_SUFFIXES]
+        weights = next((p for p in candidates if p.is_file()), candidates[0])
+    if not weights.is_file():
+        raise FileNotFoundError(f"exported weights not found: {weights}")
+    return metadata, weights
+
+
+def load_backbone(path: str | Path, branch: str | Branch | None = None) -> BranchBackbone:
+    """Load an export of scripts/export.py as a `BranchBackbone` in eval mode: model(x) -> [N, 512] features.
+
+    path: the .safetensors, .pt or .json of one export (the .json next to the weights describes them).
+    branch: None, or the branch the caller expects ("dense" | "gated"); another branch is an error.
+    Weights are read with safetensors or `torch.load(weights_only=True)`, on the CPU.
+
+        model = vdg.load_backbone("runs/.../export/vdg-cifar100-td0.3-gated.safetensors")
+        features = model(images)  # images normalised with model.config["normalize"]["mean"] / ["std"]
+    """
+    path = Path(path)
+    metadata, weights = _read_export(path)
+    exported = Branch.parse(metadata["branch"])
+    if branch is not None and Branch.parse(branch) is not exported:
+        wanted = Branch.parse(branch).value
+        raise ValueError(
+            f"{path} holds the {exported.value} branch, not {wanted!r}; export that one with "
+            f"`python scripts/export.py ckpt={metadata['source']['checkpoint']} branch={wanted}`"
+        )
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights), device="cpu")
+    else:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    gate = metadata.get("gate") or {}
+    encoder = _build_encoder(metadata["arch"], exported, gate.get("temperature", 2.0 / 3.0))
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights} does not fit the architecture in its JSON {metadata['arch']}: {err}") from err
+    return BranchBackbone(encoder, exported, metadata).eval()
