@@ -55,9 +55,10 @@ TINY_EVAL = {
 }
 # Commands that cannot run here, with why, checked by composing their config instead.
 PARSE_ONLY = {
-    """python scripts/linear_eval.py 'ckpt="runs/vdg/cifar100/budget=0.3/seed=5/checkpoints/last.ckpt"' """
+    """python scripts/linear_eval.py ckpt=runs/vdg/cifar100/td0.3/seed5/checkpoints/last.ckpt """
     "eval=transfer target=cifar10": "needs a CIFAR-100 pretraining run",
-    "python scripts/pretrain.py dataset=imagenet100 data.root=/data/imagenet100 trainer.devices=4": "needs 4 GPUs",
+    "python scripts/pretrain.py dataset=imagenet100 data.root=/data/imagenet100 trainer.devices=4 "
+    "trainer.strategy=ddp": "needs 4 GPUs",
     "python scripts/pretrain.py dataset=cifar100 logger=wandb logger.wandb.mode=online logger.wandb.project=vdg": (
         "needs the network and a wandb login"
     ),

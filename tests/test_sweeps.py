@@ -231,8 +231,8 @@ def run_dirs(cwd: Path) -> list[Path]:
 def test_tiny_sweep_trains_one_run_per_job(tiny_sweep):
     dirs = run_dirs(tiny_sweep)
     assert [d.relative_to(tiny_sweep).as_posix() for d in dirs] == [
-        "runs/vdg/synthetic/budget=0.3/seed=5",
-        "runs/vdg/synthetic/budget=0.5/seed=5",
+        "runs/vdg/synthetic/td0.3/seed5",
+        "runs/vdg/synthetic/td0.5/seed5",
     ]
     for d in dirs:
         summary = json.loads((d / "summary.json").read_text())

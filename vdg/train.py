@@ -6,7 +6,6 @@ summary.json. The science lives in `vdg.methods`; this module only wires, resume
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,6 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from vdg.callbacks import FAULT_ENV, EpochTimer, FaultInjection, NonFiniteGuard, RNGState
@@ -25,11 +23,13 @@ from vdg.checkpoint_io import AtomicCheckpointIO
 from vdg.config import ConfigError, validate_pretrain_config
 from vdg.data import PretrainDataModule
 from vdg.data.module import eval_loader
+from vdg.logging import build_loggers
 from vdg.methods import BaseMethod, build_method
 from vdg.models import Branch
+from vdg.progress import progress_callbacks
 
 # Keys of `trainer:` that are vdg's own switches rather than Lightning Trainer arguments.
-VDG_TRAINER_KEYS = ("channels_last", "compile")
+VDG_TRAINER_KEYS = ("channels_last", "compile", "progress", "progress_every_n_steps")
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -68,34 +68,6 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
             f"({'; '.join(diffs)}). Use another run_dir for a new experiment, or restore these values."
         )
     return newest
-
-
-class ResumableCSVLogger(CSVLogger):
-    """CSVLogger writing run_dir/metrics.csv that, on resume, keeps the rows of the epochs already done.
-
-    Lightning's CSV writer deletes an existing metrics.csv; the rows from before the resumed epoch are read
-    first and written back ahead of the new ones, so one file holds the whole run.
-    """
-
-    def __init__(self, run_dir: Path, resume_epoch: int | None, resume_step: int | None) -> None:
-        self._carry: list[dict[str, str]] = []
-        path = run_dir / "metrics.csv"
-        if resume_epoch is not None and path.exists():
-            with open(path, newline="") as f:
-                for row in csv.DictReader(f):
-                    epoch, step = row.get("epoch") or "", row.get("step") or ""
-                    keep = float(epoch) < resume_epoch if epoch else (step != "" and float(step) < resume_step)
-                    if keep:
-                        self._carry.append(row)
-        super().__init__(save_dir=str(run_dir), name="", version="")
-
-    @property
-    def experiment(self):  # noqa: ANN201 - lightning's ExperimentWriter
-        writer = super().experiment
-        if self._carry:
-            writer.metrics[:0] = [{k: v for k, v in row.items() if v != ""} for row in self._carry]
-            self._carry = []
-        return writer
 
 
 def checkpoint_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[ModelCheckpoint]:
@@ -154,20 +126,21 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     datamodule = PretrainDataModule(cfg)
     model = build_method(cfg)
     timer = EpochTimer()
+    progress, show_progress_bar = progress_callbacks(cfg.trainer)
     callbacks: list[pl.Callback] = [
         NonFiniteGuard(int(cfg.guard.check_every_n_steps)),  # first: it must run before any checkpoint save
         timer,
         RNGState(),
         *checkpoint_callbacks(cfg, checkpoint_dir),
         LearningRateMonitor(logging_interval="epoch"),
+        *progress,
     ]
     if os.environ.get(FAULT_ENV):
         callbacks.append(FaultInjection(int(os.environ[FAULT_ENV])))
-    logger = ResumableCSVLogger(run_dir, *(resume_state or (None, None)))
     trainer = pl.Trainer(
-        **trainer_kwargs(cfg),
+        **{**trainer_kwargs(cfg), "enable_progress_bar": show_progress_bar},
         callbacks=callbacks,
-        logger=logger,
+        logger=build_loggers(cfg, run_dir, *(resume_state or (None, None))),
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
     )

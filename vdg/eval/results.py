@@ -50,6 +50,9 @@ LOCATION_KEYS = (
     "data.pin_memory",
     "data.cache_dir",
     "trainer.enable_progress_bar",
+    "trainer.progress",
+    "trainer.progress_every_n_steps",
+    "logger",
 )
 
 
