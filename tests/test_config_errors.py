@@ -78,3 +78,30 @@ def test_missing_folder_names_layout(tmp_path):
         cfg.run_dir = str(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match=r"has no train/ folder.*dataset=folder expects"):
         pretrain(cfg)
+
+
+# Command-line arguments of the evaluation scripts (checked before any checkpoint is read).
+BAD_EVAL_ARGUMENTS = [
+    ("linear_eval", [], r"ckpt=PATH is required"),
+    ("linear_eval", ["ckpt=x.ckpt", "branch=left"], r"branch.*'left'.*allowed values: \['dense', 'gated', 'both'\]"),
+    ("linear_eval", ["ckpt=x.ckpt", "runs=0"], r"runs=0 must be an integer >= 1"),
+    ("linear_eval", ["ckpt=x.ckpt", "init=zeros"], r"init.*zeros"),
+    ("linear_eval", ["ckpt=x.ckpt", "epochs=0"], r"epochs"),
+    ("linear_eval", ["ckpt=x.ckpt", "image_stats=imagenet"], r"image_stats.*'imagenet'.*allowed values"),
+    ("linear_eval", ["ckpt=x.ckpt", "eval=transfer", "target=mnist"], r"target.*'mnist'.*allowed values: \[.*'cifar10'"),
+    ("knn_eval", ["ckpt=x.ckpt", "k=0"], r"k=0 must be an integer >= 1"),
+    ("knn_eval", ["ckpt=x.ckpt", "distance=manhattan"], r"distance.*'manhattan'.*allowed values: \['euclidean', 'cosine'\]"),
+    ("knn_eval", ["ckpt=x.ckpt", "weighting=softmax"], r"weighting.*'softmax'.*allowed values"),
+]
+
+
+@pytest.mark.parametrize("config,args,message", BAD_EVAL_ARGUMENTS, ids=[" ".join(a) for _, a, _ in BAD_EVAL_ARGUMENTS])
+def test_bad_evaluation_arguments_are_refused(config, args, message):
+    from vdg.eval.protocols import check_eval_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_eval_config(compose_config(args, config_name=config))
+
+
+def test_bad_input_table_is_large_enough():
+    assert len(BAD_VALUES) + len(BAD_EVAL_ARGUMENTS) >= 20

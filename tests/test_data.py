@@ -335,3 +335,14 @@ def test_synthetic_and_digits_splits() -> None:
     train, test = (D.build_dataset(cfg.dataset, cfg.data, s) for s in ("pretrain", "test"))
     assert (len(train), len(test)) == (1437, 360) and train.images.shape[1:] == (3, 32, 32)
     assert OmegaConf.select(cfg, "dataset.pretrain_split") is None
+
+
+def test_bad_augmentation_recipe_names_the_key() -> None:
+    from vdg.data.recipes import ViewRecipe
+
+    with pytest.raises(ValueError, match=r"unknown augmentation key\(s\) \['blur'\] in dataset.augment; allowed keys"):
+        ViewRecipe.from_config({"blur": 0.5})
+    with pytest.raises(ValueError, match=r"dataset.augment.flip_prob=1.5 must lie in \[0, 1\]"):
+        ViewRecipe.from_config({"flip_prob": 1.5})
+    with pytest.raises(ValueError, match="crop_min_scale <= crop_max_scale"):
+        ViewRecipe.from_config({"crop_min_scale": 0.9, "crop_max_scale": 0.5})

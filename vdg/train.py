@@ -149,6 +149,14 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     summary = training_summary(cfg, model, trainer, timer, ckpt_path)
     if not trainer.is_global_zero:
         return summary
+    if cfg.checkpoint.get("export_backbone", True):
+        from vdg.export import export_backbone
+
+        # backbone-only weights beside the checkpoints, for downstream use (vdg.load_backbone)
+        last = checkpoint_dir / "last.ckpt"
+        summary["exports"] = {
+            b.value: str(export_backbone(last, b, overwrite=True)["safetensors"]) for b in model.branches
+        }
     if cfg.final_knn.enabled:
         summary["knn"] = final_knn(model, cfg)
     if cfg.evaluate:
