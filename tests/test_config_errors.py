@@ -88,9 +88,9 @@ BAD_EVAL_ARGUMENTS = [
     ("linear_eval", ["ckpt=x.ckpt", "init=zeros"], r"init.*zeros"),
     ("linear_eval", ["ckpt=x.ckpt", "epochs=0"], r"epochs"),
     ("linear_eval", ["ckpt=x.ckpt", "image_stats=imagenet"], r"image_stats.*'imagenet'.*allowed values"),
-    ("linear_eval", ["ckpt=x.ckpt", "eval=transfer", "target=mnist"], r"target.*'mnist'.*allowed values: \[.*'cifar10'"),
+    ("linear_eval", ["ckpt=x.ckpt", "eval=transfer", "target=mnist"], r"'mnist'.*allowed values: \[.*'cifar10'"),
     ("knn_eval", ["ckpt=x.ckpt", "k=0"], r"k=0 must be an integer >= 1"),
-    ("knn_eval", ["ckpt=x.ckpt", "distance=manhattan"], r"distance.*'manhattan'.*allowed values: \['euclidean', 'cosine'\]"),
+    ("knn_eval", ["ckpt=x.ckpt", "distance=manhattan"], r"'manhattan'.*allowed values: \['euclidean', 'cosine'\]"),
     ("knn_eval", ["ckpt=x.ckpt", "weighting=softmax"], r"weighting.*'softmax'.*allowed values"),
 ]
 
