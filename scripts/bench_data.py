@@ -23,22 +23,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from vdg.cli import split_options
 from vdg.data.module import PretrainDataModule
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 OPTIONS = {"batches": "20", "warmup": "2", "backends": "[cpu,gpu]"}
-
-
-def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Split `key=value` arguments into this script's options and Hydra overrides."""
-    options, overrides = dict(OPTIONS), []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in OPTIONS:
-            options[key] = value
-        else:
-            overrides.append(arg)
-    return options, overrides
 
 
 def _sync(device: torch.device) -> None:
@@ -85,7 +74,7 @@ def bench(cfg: Any, backend: str, batches: int, warmup: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
-    options, overrides = parse_args(argv)
+    options, overrides = split_options(argv, OPTIONS)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="pretrain", overrides=overrides)
     backends = [b.strip() for b in options["backends"].strip("[]").split(",") if b.strip()]

@@ -47,6 +47,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from vdg.callbacks import EpochTimer
+from vdg.cli import split_options
 from vdg.data import PretrainDataModule
 from vdg.methods import BaseMethod, build_method
 from vdg.models import Branch
@@ -89,18 +90,6 @@ noisy): compare GPU rows of the same device only.
 | peak MiB | MFU | HFU | TFLOP/s |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 """
-
-
-def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Split `key=value` arguments into this script's options and Hydra overrides."""
-    options, overrides = dict(OPTIONS), []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in OPTIONS:
-            options[key] = value
-        else:
-            overrides.append(arg)
-    return options, overrides
 
 
 def parse_list(value: str) -> list[str]:
@@ -340,7 +329,7 @@ def append_results(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
-    options, overrides = parse_args(argv)
+    options, overrides = split_options(argv, OPTIONS)
     methods, backends = parse_list(options["methods"]), parse_list(options["backends"])
     compiles = [parse_bool(c) for c in parse_list(options["compile"])]
     if sorted(set(backends) - {"cpu", "gpu"}):

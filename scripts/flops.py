@@ -10,9 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vdg.checkpoint import CheckpointError
-from vdg.config import ConfigError
-from vdg.data.datasets import DataNotFoundError
+from vdg.cli import USER_ERRORS
 from vdg.flops_report import flops_summary
 
 
@@ -20,7 +18,7 @@ from vdg.flops_report import flops_summary
 def main(cfg: DictConfig) -> None:
     try:
         summary = flops_summary(cfg)
-    except (CheckpointError, ConfigError, DataNotFoundError) as err:
+    except USER_ERRORS as err:
         sys.exit(f"error: {err}")
     print(json.dumps(summary))
 

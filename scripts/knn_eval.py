@@ -13,9 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vdg.checkpoint import CheckpointError
-from vdg.config import ConfigError
-from vdg.data.datasets import DataNotFoundError
+from vdg.cli import USER_ERRORS
 from vdg.eval.protocols import run_evaluation
 
 
@@ -23,7 +21,7 @@ from vdg.eval.protocols import run_evaluation
 def main(cfg: DictConfig) -> None:
     try:
         records = run_evaluation(cfg)
-    except (CheckpointError, ConfigError, DataNotFoundError) as err:
+    except USER_ERRORS as err:
         sys.exit(f"error: {err}")
     for record in records:
         print(json.dumps(record, indent=2))

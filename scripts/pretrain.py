@@ -46,15 +46,12 @@ def main(cfg: DictConfig) -> None:
         print(f"job: {overrides}  # run_dir: {cfg.run_dir}", flush=True)
         return
     # imported here: a dry run lists a sweep without loading torch
-    from vdg.callbacks import NonFiniteLossError
-    from vdg.checkpoint import CheckpointError
-    from vdg.config import ConfigError
-    from vdg.data.datasets import DataNotFoundError
+    from vdg.cli import USER_ERRORS
     from vdg.train import describe_summary, pretrain
 
     try:
         summary = pretrain(cfg)
-    except (CheckpointError, ConfigError, DataNotFoundError, NonFiniteLossError) as err:
+    except USER_ERRORS as err:
         sys.exit(f"error: {err}")
     print(json.dumps(summary, indent=2))
     print(describe_summary(summary))

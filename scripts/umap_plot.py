@@ -12,9 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vdg.checkpoint import CheckpointError
-from vdg.config import ConfigError
-from vdg.data.datasets import DataNotFoundError
+from vdg.cli import USER_ERRORS
 from vdg.eval.umap_plot import umap_plot
 
 
@@ -22,7 +20,7 @@ from vdg.eval.umap_plot import umap_plot
 def main(cfg: DictConfig) -> None:
     try:
         summary = umap_plot(cfg)
-    except (CheckpointError, ConfigError, DataNotFoundError) as err:
+    except USER_ERRORS as err:
         sys.exit(f"error: {err}")
     print(json.dumps(summary, indent=2))
 
