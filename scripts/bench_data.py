@@ -23,8 +23,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vdg.cli import split_options
 from vdg.data.module import PretrainDataModule
+from vdg.run.cli import split_options
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 OPTIONS = {"batches": "20", "warmup": "2", "backends": "[cpu,gpu]"}

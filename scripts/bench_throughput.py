@@ -46,12 +46,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from vdg.callbacks import EpochTimer
-from vdg.cli import split_options
 from vdg.data import PretrainDataModule
 from vdg.methods import BaseMethod, build_method
 from vdg.models import Branch
-from vdg.train import trainer_kwargs
+from vdg.run.callbacks import EpochTimer
+from vdg.run.cli import split_options
+from vdg.run.driver import trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")

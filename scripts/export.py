@@ -3,7 +3,7 @@
     python scripts/export.py ckpt=runs/.../checkpoints/last.ckpt branch=gated [out_dir=DIR] [overwrite=true]
 
 Options: configs/export.yaml. Writes <name>.pt, <name>.safetensors and <name>.json and prints their paths; load
-them with `vdg.load_backbone(path)`. A thin wrapper over `vdg.export.export_backbone`.
+them with `vdg.load_backbone(path)`. A thin wrapper over `vdg.deploy.export.export_backbone`.
 """
 
 import json
@@ -12,9 +12,9 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vdg.checkpoint import CheckpointError
-from vdg.config import ConfigError
-from vdg.export import export_backbone
+from vdg.deploy.export import export_backbone
+from vdg.run.checkpoint import CheckpointError
+from vdg.run.config import ConfigError
 
 
 @hydra.main(config_path="../configs", config_name="export", version_base="1.3")

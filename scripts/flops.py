@@ -10,8 +10,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vdg.cli import USER_ERRORS
-from vdg.flops_report import flops_summary
+from vdg.report.flops import flops_summary
+from vdg.run.cli import USER_ERRORS
 
 
 @hydra.main(config_path="../configs", config_name="flops", version_base="1.3")

@@ -13,8 +13,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vdg.cli import USER_ERRORS
 from vdg.eval.protocols import run_evaluation
+from vdg.run.cli import USER_ERRORS
 
 
 @hydra.main(config_path="../configs", config_name="linear_eval", version_base="1.3")

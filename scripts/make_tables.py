@@ -1,6 +1,6 @@
 """Render the paper's Tables 1-6 (Markdown + CSV) from a folder of evaluation result JSONs and print them.
 
-A thin entry point over `vdg.eval.tables.make_tables`; it must hold no table logic of its own.
+A thin entry point over `vdg.report.tables.make_tables`; it must hold no table logic of its own.
 
     python scripts/make_tables.py RESULTS_DIR [--out DIR] [--tables table1,table4]
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without `pip install -e .`
 
-from vdg.eval.tables import TABLE_NAMES, make_tables  # noqa: E402
+from vdg.report.tables import TABLE_NAMES, make_tables  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Plot top-1 against FLOPs reduction across budgets t_d (dense and gated, ours and the paper's) as PNGs.
 
-A thin entry point over `vdg.eval.pareto.plot_pareto`; it must hold no plotting logic of its own.
+A thin entry point over `vdg.report.pareto.plot_pareto`; it must hold no plotting logic of its own.
 
     python scripts/plot_pareto.py RESULTS_DIR [--out DIR]
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without `pip install -e .`
 
-from vdg.eval.pareto import plot_pareto  # noqa: E402
+from vdg.report.pareto import plot_pareto  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Sweeps reproduce the paper's tables: `python scripts/pretrain.py -m +sweep=table1` (configs/sweep/); add
 `dry_run=true` to print one line per job (its overrides and run_dir) and exit. This file wires Hydra to
-`vdg.train.pretrain` and decides which sweep jobs run; it holds no training logic.
+`vdg.run.driver.pretrain` and decides which sweep jobs run; it holds no training logic.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def main(cfg: DictConfig) -> None:
         print(f"job: {overrides}  # run_dir: {cfg.run_dir}", flush=True)
         return
     # imported here: a dry run lists a sweep without loading torch
-    from vdg.cli import USER_ERRORS
-    from vdg.train import describe_summary, pretrain
+    from vdg.run.cli import USER_ERRORS
+    from vdg.run.driver import describe_summary, pretrain
 
     try:
         summary = pretrain(cfg)

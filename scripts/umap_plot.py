@@ -3,7 +3,7 @@
     python scripts/umap_plot.py ckpt=runs/.../checkpoints/last.ckpt [max_samples=2000] [output=umap.png]
 
 Options: configs/umap.yaml. Writes <checkpoint dir>/results/umap-<dataset>.png and prints a JSON summary.
-A thin wrapper over `vdg.eval.umap_plot.umap_plot`.
+A thin wrapper over `vdg.report.umap.umap_plot`.
 """
 
 import json
@@ -12,8 +12,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vdg.cli import USER_ERRORS
-from vdg.eval.umap_plot import umap_plot
+from vdg.report.umap import umap_plot
+from vdg.run.cli import USER_ERRORS
 
 
 @hydra.main(config_path="../configs", config_name="umap", version_base="1.3")

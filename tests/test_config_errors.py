@@ -4,8 +4,8 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf import open_dict
 
-from vdg.config import ConfigError, validate_pretrain_config
-from vdg.train import pretrain
+from vdg.run.config import ConfigError, validate_pretrain_config
+from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config
 

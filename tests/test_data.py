@@ -19,9 +19,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from vdg.config import ConfigError, validate_pretrain_config
 from vdg.data import datasets as D
 from vdg.data.module import PretrainDataModule, eval_loader, view_recipes
+from vdg.run.config import ConfigError, validate_pretrain_config
 
 from .conftest import compose_config
 

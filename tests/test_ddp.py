@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from vdg.checkpoint import read_checkpoint
 from vdg.losses import vicreg_loss
-from vdg.train import pretrain
-from vdg.utils.distributed import gather_rows, world_size
+from vdg.losses.distributed import gather_rows, world_size
+from vdg.run.checkpoint import read_checkpoint
+from vdg.run.driver import pretrain
 
 pytestmark = pytest.mark.ddp
 

@@ -225,8 +225,8 @@ def test_gate_report_matches_hand_computation():
     cost = NetworkCost(
         stem=100,
         blocks=(
-            BlockCost(channels=4, full=45, per_channel=10, fixed=5, gate=2),
-            BlockCost(channels=2, full=40, per_channel=20, fixed=0, gate=1),
+            BlockCost(channels=4, planes=4, full=45, per_channel=10, fixed=5, gate=2),
+            BlockCost(channels=2, planes=2, full=40, per_channel=20, fixed=0, gate=1),
         ),
     )
     active = torch.tensor([[2.0, 1.0], [4.0, 2.0], [0.0, 0.0]])

@@ -20,20 +20,20 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from vdg.checkpoint import CheckpointError, load_method
-from vdg.config import ConfigError
 from vdg.data.module import eval_loader
 from vdg.eval.api import eval_config, evaluate_checkpoint
 from vdg.eval.features import extract_features
 from vdg.eval.knn import knn_accuracy
 from vdg.eval.linear import LinearProtocol, train_linear_on_features
-from vdg.eval.paper_results import CellKey
 from vdg.eval.protocols import data_config, dataset_config, eval_dataset, linear_protocol, transfer_dataset
 from vdg.eval.results import config_hash, result_filename, write_json
-from vdg.eval.tables import build_table, load_results, record_key
-from vdg.eval.umap_plot import exact_knn, spread_subset
 from vdg.methods import build_method
-from vdg.train import pretrain
+from vdg.report.paper_results import CellKey
+from vdg.report.tables import build_table, load_results, record_key
+from vdg.report.umap import exact_knn, spread_subset
+from vdg.run.checkpoint import CheckpointError, load_method
+from vdg.run.config import ConfigError
+from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config
 

@@ -1,4 +1,4 @@
-"""Backbone export (vdg/export.py, scripts/export.py): exported weights load into a fresh model and reproduce the
+"""Backbone export (vdg/deploy/export.py, scripts/export.py): exported weights load into a fresh model and reproduce the
 checkpoint's features exactly, for both branches of every backbone layout."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 from safetensors import safe_open
 
 import vdg
-from vdg.checkpoint import CheckpointError, load_method
-from vdg.export import BranchBackbone, branch_encoder, export_backbone, export_name, load_backbone
+from vdg.deploy.export import BranchBackbone, branch_encoder, export_backbone, export_name, load_backbone
 from vdg.methods import build_method
 from vdg.models import Branch, GatedResNet
-from vdg.train import pretrain
+from vdg.run.checkpoint import CheckpointError, load_method
+from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config
 

@@ -67,3 +67,13 @@ def test_ratio_gradient_reaches_active_counts():
     active = torch.full((4, 8), 3.0, requires_grad=True)
     cost.flops_ratio(active).backward()
     assert (active.grad > 0).all()
+
+
+@pytest.mark.parametrize("stem,size", [("cifar", 32), ("imagenet", 64)])
+def test_slim_block_widths_count_agrees_with_fvcore(stem, size):
+    widths = [3, 16, 5, 32, 7, 64, 1, 128]  # block b's conv1 width; outputs keep 16 x {1, 2, 4, 8}
+    model = GatedResNet(stem=stem, width=16, branches=("dense",), block_widths=widths)
+    cost = network_cost(model, size)
+    assert [b.channels for b in cost.blocks] == widths
+    assert [b.planes for b in cost.blocks] == [16, 16, 32, 32, 64, 64, 128, 128]
+    assert cost.dense_macs == _fvcore_conv_macs(model, size)

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vdg.checkpoint import CheckpointError, load_method
 from vdg.data.module import eval_loader
 from vdg.eval.features import extract_features, gate_report
-from vdg.eval.tables import build_table, load_results
-from vdg.flops_report import block_labels, flops_summary
 from vdg.models import GatedResNet, network_cost
-from vdg.train import pretrain
+from vdg.report.flops import block_labels, flops_summary
+from vdg.report.tables import build_table, load_results
+from vdg.run.checkpoint import CheckpointError, load_method
+from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config
 

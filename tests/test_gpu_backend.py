@@ -14,7 +14,7 @@ import torch
 import vdg.data.gpu_module as G
 from vdg.data.gpu_module import DeviceBatchLoader, resolve_backend
 from vdg.data.module import PretrainDataModule
-from vdg.train import pretrain
+from vdg.run.driver import pretrain
 
 from .conftest import compose_config
 from .test_data import make_folder

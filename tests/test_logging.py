@@ -1,4 +1,4 @@
-"""Experiment loggers (vdg/logging.py: metrics.csv, wandb, tensorboard) and training progress (vdg/progress.py)."""
+"""Experiment loggers (vdg/run/logging.py: metrics.csv, wandb, tensorboard) and progress (vdg/run/progress.py)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
 from torch import nn
 
-import vdg.logging as vdg_logging
-from vdg.config import ConfigError
-from vdg.logging import (
+import vdg.run.logging as vdg_logging
+from vdg.run.config import ConfigError
+from vdg.run.logging import (
     WANDB_ID_FILE,
     FinishingWandbLogger,
     ResumableCSVLogger,
     build_loggers,
     wandb_run_id,
 )
-from vdg.progress import PlainProgress, progress_callbacks
+from vdg.run.progress import PlainProgress, progress_callbacks
 
 from .conftest import compose_config
 
@@ -32,19 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 LOGGER_OPTIONS = sorted(p.stem for p in (REPO / "configs" / "logger").glob("*.yaml"))
 
 
-def integrated(name: str) -> bool:
-    """Whether vdg/train.py calls `name` (build_loggers / progress_callbacks) and pretrain.yaml has the logger group."""
-    defaults = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "pretrain.yaml").defaults)
-    has_group = any(isinstance(d, dict) and "logger" in d for d in defaults)
-    return has_group and name in (REPO / "vdg" / "train.py").read_text()
-
-
-needs_train_loggers = pytest.mark.skipif(
-    not integrated("build_loggers"), reason="vdg/train.py does not call vdg.logging.build_loggers yet (issue 8 diff)"
-)
-needs_train_progress = pytest.mark.skipif(
-    not integrated("progress_callbacks"), reason="vdg/train.py does not call progress_callbacks yet (issue 8 diff)"
-)
 has_tensorboard = importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX")
 
 
@@ -106,7 +93,6 @@ def test_logger_group_has_the_documented_options():
     assert wandb.mode == "offline"  # never online unless asked for
 
 
-@needs_train_loggers
 def test_pretrain_config_defaults_to_csv():
     assert compose_config([]).logger.name == "csv"
 
@@ -199,10 +185,9 @@ def test_wandb_disabled_writes_nothing(tmp_path, quiet_wandb):
     assert not (tmp_path / "wandb").exists()
 
 
-@needs_train_loggers
 def test_pretrain_with_wandb_resumes_the_same_wandb_run(tiny_cfg, quiet_wandb):
     cfg = tiny_cfg("method=vicreg", "logger=wandb", "probe.enabled=false", "checkpoint.every_n_epochs=1")
-    from vdg.train import pretrain
+    from vdg.run.driver import pretrain
 
     pretrain(cfg)
     run_dir = Path(cfg.run_dir)
@@ -272,9 +257,8 @@ def test_plain_progress_stays_quiet_between_steps(tmp_path):
     assert len(stream.getvalue().splitlines()) == 1  # the epoch line only
 
 
-@needs_train_progress
 def test_pretrain_prints_plain_progress_lines(tiny_cfg, capsys):
-    from vdg.train import pretrain
+    from vdg.run.driver import pretrain
 
     pretrain(
         tiny_cfg(

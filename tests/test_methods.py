@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from vdg.checkpoint import load_method, require_branch
 from vdg.losses import barlow_twins_loss
 from vdg.methods import METHODS, VDG, BTDual, VDG2x, VICRegGating, build_method
 from vdg.models import BackboneOutput, Branch, BranchNorm, GatedResNet
 from vdg.models.flops import network_cost
+from vdg.run.checkpoint import load_method, require_branch
 
 from .conftest import TINY, compose_config
 
@@ -219,7 +219,7 @@ def test_vdg_2x_costs_and_validation_use_the_right_encoder(tiny_cfg, monkeypatch
 @pytest.fixture(scope="module")
 def vdg_2x_run(tmp_path_factory) -> dict:
     """The summary of a 1-epoch vdg_2x pretraining on synthetic data (with the final k-NN of both branches)."""
-    from vdg.train import pretrain
+    from vdg.run.driver import pretrain
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

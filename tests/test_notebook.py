@@ -10,7 +10,7 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-from vdg.train import pretrain
+from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config
 

@@ -25,10 +25,10 @@ import torch
 from torch import Tensor
 
 import vdg
-from vdg.callbacks import NonFiniteGuard
 from vdg.data import PretrainDataModule
 from vdg.methods import METHODS, BaseMethod, build_method
-from vdg.train import trainer_kwargs
+from vdg.run.callbacks import NonFiniteGuard
+from vdg.run.driver import trainer_kwargs
 
 from .conftest import TINY, compose_config
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from vdg.checkpoint import load_method
-from vdg.train import pretrain
+from vdg.run.checkpoint import load_method
+from vdg.run.driver import pretrain
 
 
 @pytest.mark.parametrize("method", ["vdg", "vicreg"])

@@ -4,7 +4,7 @@ Every line of every ```bash block is a command. Each `python ...` command runs h
 scratch directory, with tiny overrides appended (digits or synthetic data, width 4, 1 epoch), except those in
 `PARSE_ONLY` (they need GPUs, a network or a paper-scale run), which are composed with Hydra (`--cfg job`) or
 dry-run. `pip install` and `python -m pytest` lines are what .ci/run executes. A command this test does not know
-how to exercise fails it. Also here: the plot_pareto.py command's unit tests (vdg/eval/pareto.py).
+how to exercise fails it. Also here: the plot_pareto.py command's unit tests (vdg/report/pareto.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from vdg.eval.pareto import ours_points, paper_points, plot_pareto, record_panel
-from vdg.eval.tables import load_results
+from vdg.report.pareto import ours_points, paper_points, plot_pareto, record_panel
+from vdg.report.tables import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -111,13 +111,6 @@ PYTHON_COMMANDS = list(
         if part[0] == "python" and part[1] != "-m"
     )
 )
-
-
-def integrated(name: str) -> bool:
-    """Whether vdg/train.py calls `name` and configs/pretrain.yaml has the logger group (issue 8's diff)."""
-    defaults = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "pretrain.yaml").defaults)
-    has_group = any(isinstance(d, dict) and "logger" in d for d in defaults)
-    return has_group and name in (REPO / "vdg" / "train.py").read_text()
 
 
 def run_python(argv: list[str], cwd: Path, capsys) -> str:
@@ -253,10 +246,6 @@ def parse_only(argv: list[str], cwd: Path, capsys) -> None:
 def test_readme_command(command, workdir, tmp_path, monkeypatch, capsys, quiet_wandb):
     argv = shlex.split(command)[1:]
     uses = " ".join(argv)
-    if ("logger=" in uses and not integrated("build_loggers")) or (
-        "trainer.progress" in uses and not integrated("progress_callbacks")
-    ):
-        pytest.skip("needs issue 8's diff to vdg/train.py and configs/pretrain.yaml (logger group, progress)")
     if "logger=tensorboard" in uses and not installed("tensorboard"):
         pytest.skip("tensorboard is not installed (pip install -e '.[tensorboard]')")
     if command == QUICKSTART:  # the workdir fixture ran it (tiny)
@@ -434,7 +423,7 @@ def test_readme_parsers():
     ]
 
 
-# ----- plot_pareto.py and vdg/eval/pareto.py -----------------------------------------------------------------
+# ----- plot_pareto.py and vdg/report/pareto.py -----------------------------------------------------------------
 
 
 def record(method: str, branch: str, budget: float | None, value: float, reduction: float, **extra) -> dict:

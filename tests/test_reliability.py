@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vdg.callbacks import NonFiniteLossError
-from vdg.checkpoint import CheckpointError, load_method, read_checkpoint
 from vdg.methods.vdg import VDG
-from vdg.train import pretrain
+from vdg.run.callbacks import NonFiniteLossError
+from vdg.run.checkpoint import CheckpointError, load_method, read_checkpoint
+from vdg.run.driver import pretrain
 
 from .conftest import TINY
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import pytest
 from omegaconf import OmegaConf
 
-from vdg.eval.tables import load_results, make_tables
+from vdg.report.tables import load_results, make_tables
 
 from .conftest import TINY, compose_config
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from vdg.eval.paper_results import (
+from vdg.report.paper_results import (
     DENSE_FLOPS,
     PAPER_TABLES,
     TABLE1,
@@ -27,7 +27,7 @@ from vdg.eval.paper_results import (
     CellKey,
     PaperValue,
 )
-from vdg.eval.tables import (
+from vdg.report.tables import (
     build_table,
     load_results,
     make_tables,

@@ -14,7 +14,7 @@ __all__ = ["__version__", "load_backbone"]
 
 def __getattr__(name: str) -> Any:
     if name == "load_backbone":
-        from vdg.export import load_backbone
+        from vdg.deploy.export import load_backbone
 
         return load_backbone
     raise AttributeError(f"module 'vdg' has no attribute {name!r}")

@@ -14,8 +14,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from vdg.checkpoint import CheckpointError, load_method, require_branch
-from vdg.config import ConfigError
 from vdg.data.datasets import build_dataset
 from vdg.data.module import TransformedDataset, eval_loader
 from vdg.data.transforms import linear_train_transform
@@ -24,6 +22,8 @@ from vdg.eval.knn import DISTANCES, WEIGHTINGS, knn_accuracy
 from vdg.eval.linear import LinearProtocol, train_linear_on_features, train_linear_on_images
 from vdg.eval.results import accuracy_fields, base_record, result_filename, results_dir, write_json
 from vdg.models import Branch
+from vdg.run.checkpoint import CheckpointError, load_method, require_branch
+from vdg.run.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def linear_protocol(cfg: DictConfig, seed: int) -> LinearProtocol:
 
 
 def load_checkpoint(ckpt: str | Path, method: str | None = None):  # noqa: ANN201 - BaseMethod
-    """`vdg.checkpoint.load_method`, with weights of the wrong shape reported as a CheckpointError too."""
+    """`vdg.run.checkpoint.load_method`, with weights of the wrong shape reported as a CheckpointError too."""
     try:
         return load_method(ckpt, method)
     except RuntimeError as err:  # load_state_dict: size mismatch (e.g. another backbone width)

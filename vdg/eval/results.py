@@ -1,4 +1,4 @@
-"""Evaluation result records: the JSON schema `vdg.eval.tables` reads, file names, config hash, atomic writes.
+"""Evaluation result records: the JSON schema `vdg.report.tables` reads, file names, config hash, atomic writes.
 
 It only builds, names and writes records; it never evaluates a model.
 

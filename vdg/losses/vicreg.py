@@ -1,7 +1,7 @@
 """VICReg loss (Bardes et al., ICLR 2022) with the official VDG code's reductions as the default.
 
 Pure function of two embedding batches; it knows nothing of branches or gates, and of process groups only the
-optional gather of the global batch (`vdg.utils.distributed.gather_rows`).
+optional gather of the global batch (`vdg.losses.distributed.gather_rows`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vdg.utils.distributed import gather_rows
+from vdg.losses.distributed import gather_rows
 
 VARIANCE_REDUCTIONS = ("sum", "mean")
 

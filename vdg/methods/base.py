@@ -45,6 +45,7 @@ def build_backbone(cfg: DictConfig, branches: tuple[Branch, ...]) -> GatedResNet
         gate_temperature=float(b.gate_temperature),
         gate_bias_init=None if b.gate_bias_init is None else float(b.gate_bias_init),
         zero_init_residual=bool(b.zero_init_residual),
+        block_widths=None if b.get("block_widths") is None else [int(w) for w in b.block_widths],
     )
 
 

@@ -22,13 +22,16 @@ def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
 class BlockCost:
     """MACs of one BasicBlock at its output resolution H_b x W_b.
 
-    full: F_O,b = 9HW*planes*inplanes + 9HW*planes^2 (+ HW*planes*inplanes for the downsample conv).
+    channels: C_b, conv1's output channels (the ones a gate switches); planes: the block's output channels
+    (equal to C_b except in slim blocks, `GatedBasicBlock.mid_planes`).
+    full: F_O,b = 9HW*C_b*inplanes + 9HW*planes*C_b (+ HW*planes*inplanes for the downsample conv).
     per_channel: MACs each active gated channel costs: 9HW*inplanes (conv1 output) + 9HW*planes (conv2 input).
     fixed: the ungated downsample conv (0 without one). gate: the gating network's constant cost.
     So F_R,b(i) = per_channel * c_i + fixed, and F_R,b = F_O,b when all `channels` are active.
     """
 
     channels: int
+    planes: int
     full: int
     per_channel: int
     fixed: int
@@ -95,12 +98,13 @@ def network_cost(backbone: GatedResNet, image_size: int) -> NetworkCost:
     for block in backbone.blocks:
         size = conv_out(size, 3, block.stride, 1)
         hw = size * size
-        inp, planes = block.in_planes, block.planes
+        inp, planes, mid = block.in_planes, block.planes, block.mid_planes
         fixed = hw * planes * inp if block.downsample is not None else 0
         blocks.append(
             BlockCost(
-                channels=planes,
-                full=9 * hw * planes * inp + 9 * hw * planes * planes + fixed,
+                channels=mid,
+                planes=planes,
+                full=9 * hw * mid * inp + 9 * hw * planes * mid + fixed,
                 per_channel=9 * hw * (inp + planes),
                 fixed=fixed,
                 gate=block.gate.macs if block.gate is not None else 0,

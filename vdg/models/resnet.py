@@ -39,6 +39,8 @@ class GatedBasicBlock(nn.Module):
 
     conv1 -> BN1 -> ReLU -> (x mask, gated branch only) -> conv2 -> BN2 -> + shortcut -> ReLU (reference §1.3).
     The gate reads the block input x; the shortcut is never gated. BN1/BN2 are per branch when `split_bn`.
+    `mid_planes` is conv1's output width (the channels the gate switches); None = `planes`, a standard
+    BasicBlock. A smaller value gives a slim block, as in the paper's Table 3 students.
     """
 
     expansion = 1
@@ -52,12 +54,16 @@ class GatedBasicBlock(nn.Module):
         split_bn: bool,
         split_shortcut_bn: bool,
         gate: ChannelGate | None,
+        mid_planes: int | None = None,
     ) -> None:
         super().__init__()
-        self.in_planes, self.planes, self.stride = in_planes, planes, stride
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = BranchNorm(planes, branches, split_bn)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        mid = planes if mid_planes is None else int(mid_planes)
+        if mid < 1:
+            raise ValueError(f"a block needs at least one conv1 channel, got mid_planes={mid_planes}")
+        self.in_planes, self.planes, self.mid_planes, self.stride = in_planes, planes, mid, stride
+        self.conv1 = nn.Conv2d(in_planes, mid, 3, stride, 1, bias=False)
+        self.bn1 = BranchNorm(mid, branches, split_bn)
+        self.conv2 = nn.Conv2d(mid, planes, 3, 1, 1, bias=False)
         self.bn2 = BranchNorm(planes, branches, split_bn)
         self.gate = gate
         self.downsample: nn.Conv2d | None = None
@@ -102,6 +108,9 @@ class GatedResNet(nn.Module):
             "all" (also the stem and shortcut BNs per branch) or "none" (every BN shared).
         gate_reduction, gate_temperature, gate_bias_init: see `ChannelGate`.
         zero_init_residual: zero BN2's scale in every block (off in the official code).
+        block_widths: conv1 output channels of each of the 8 blocks (`GatedBasicBlock.mid_planes`); None = the
+            standard widths (width x {1, 1, 2, 2, 4, 4, 8, 8}). Slim ResNets built from a gate policy set it
+            (`vdg.deploy.slim`); block outputs, shortcuts and the feature dimension keep the standard widths.
 
     forward(x [N, 3, H, W], branch) -> BackboneOutput; no classifier head (512-d features at width 64).
     """
@@ -117,6 +126,7 @@ class GatedResNet(nn.Module):
         gate_temperature: float = 2.0 / 3.0,
         gate_bias_init: float | None = None,
         zero_init_residual: bool = False,
+        block_widths: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if stem not in STEMS:
@@ -125,10 +135,17 @@ class GatedResNet(nn.Module):
             raise ValueError(f"unknown backbone.bn_split {bn_split!r}; allowed values: {list(BN_SPLITS)}")
         if width < 4:
             raise ValueError(f"backbone.width={width} must be >= 4")
+        if block_widths is not None:
+            block_widths = [int(w) for w in block_widths]
+            if len(block_widths) != sum(layers) or min(block_widths) < 1:
+                raise ValueError(
+                    f"backbone.block_widths={block_widths} must give {sum(layers)} positive conv1 widths, one per block"
+                )
         self.branches = tuple(dict.fromkeys(Branch.parse(b) for b in branches))
         if not self.branches:
             raise ValueError("backbone.branches must name at least one of ['dense', 'gated']")
         self.stem_kind, self.width, self.bn_split = stem, width, bn_split
+        self.block_widths = None if block_widths is None else tuple(block_widths)
         gated = Branch.GATED in self.branches
         several = len(self.branches) > 1
         split_blocks = several and bn_split in ("blocks", "all")
@@ -148,13 +165,12 @@ class GatedResNet(nn.Module):
             planes = width * 2**stage
             for i in range(depth):
                 stride = 2 if stage > 0 and i == 0 else 1
+                mid = planes if block_widths is None else block_widths[len(blocks)]
                 gate = (
-                    ChannelGate(in_planes, planes, gate_reduction, gate_temperature, gate_bias_init)
-                    if gated
-                    else None
+                    ChannelGate(in_planes, mid, gate_reduction, gate_temperature, gate_bias_init) if gated else None
                 )
                 blocks.append(
-                    GatedBasicBlock(in_planes, planes, stride, self.branches, split_blocks, split_rest, gate)
+                    GatedBasicBlock(in_planes, planes, stride, self.branches, split_blocks, split_rest, gate, mid)
                 )
                 in_planes = planes
         self.blocks = nn.ModuleList(blocks)
@@ -202,4 +218,5 @@ class GatedResNet(nn.Module):
             "bn_split": self.bn_split,
             "gate_reduction": None if gate is None else gate.reduction,
             "gate_bias": None if gate is None else gate.expand.bias is not None,
+            "block_widths": None if self.block_widths is None else list(self.block_widths),
         }

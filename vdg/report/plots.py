@@ -1,7 +1,7 @@
 """PNG figures of evaluation results: per-block channel usage of the gated network, 2-D embeddings per branch.
 
 Drawing only (matplotlib's object API on the Agg canvas, so importing it never switches a global backend);
-the numbers come from `vdg.eval.features` and `vdg.eval.umap_plot`.
+the numbers come from `vdg.eval.features` and `vdg.report.umap`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def plot_channel_usage(blocks: Sequence[Mapping[str, Any]], path: str | Path, ti
     mean number of active channels as a dot (the paper's supplementary channel-distribution figure).
 
     blocks: one mapping per block with label, channels, always_on, data_dependent, always_off, mean_active
-    (`vdg.flops_report.block_usage`). Writes a PNG to `path` and returns it.
+    (`vdg.report.flops.block_usage`). Writes a PNG to `path` and returns it.
     """
     labels = [str(b["label"]) for b in blocks]
     x = np.arange(len(blocks))

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vdg.checkpoint import CheckpointError, load_method, read_checkpoint, require_branch
 from vdg.models import BackboneOutput, Branch, GatedResNet
+from vdg.run.checkpoint import CheckpointError, load_method, read_checkpoint, require_branch
 
 EXPORT_FORMAT = "vdg-backbone"
 FORMAT_VERSION = 1
@@ -63,6 +63,7 @@ def _build_encoder(arch: dict[str, Any], branch: Branch, gate_temperature: float
         gate_reduction=int(arch["gate_reduction"] or 4),
         gate_temperature=float(gate_temperature),
         gate_bias_init=0.0 if arch["gate_bias"] else None,  # the value is overwritten by the loaded weights
+        block_widths=arch.get("block_widths"),  # absent in exports written before slim networks existed
     )
 
 

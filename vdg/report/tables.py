@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vdg.eval.paper_results import (
+from vdg.report.paper_results import (
     DATASET_NAMES,
     DENSE_FLOPS,
     PAPER_TABLES,

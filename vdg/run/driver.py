@@ -17,16 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
-from vdg.callbacks import FAULT_ENV, EpochTimer, FaultInjection, NonFiniteGuard, RNGState
-from vdg.checkpoint import CheckpointError, config_differences, read_checkpoint
-from vdg.checkpoint_io import AtomicCheckpointIO
-from vdg.config import ConfigError, validate_pretrain_config
 from vdg.data import PretrainDataModule
 from vdg.data.module import eval_loader
-from vdg.logging import build_loggers
 from vdg.methods import BaseMethod, build_method
 from vdg.models import Branch
-from vdg.progress import progress_callbacks
+from vdg.run.callbacks import FAULT_ENV, EpochTimer, FaultInjection, NonFiniteGuard, RNGState
+from vdg.run.checkpoint import CheckpointError, config_differences, read_checkpoint
+from vdg.run.checkpoint_io import AtomicCheckpointIO
+from vdg.run.config import ConfigError, validate_pretrain_config
+from vdg.run.logging import build_loggers
+from vdg.run.progress import progress_callbacks
 
 # Keys of `trainer:` that are vdg's own switches rather than Lightning Trainer arguments.
 VDG_TRAINER_KEYS = ("channels_last", "compile", "progress", "progress_every_n_steps")
@@ -150,7 +150,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return summary
     if cfg.checkpoint.get("export_backbone", True):
-        from vdg.export import export_backbone
+        from vdg.deploy.export import export_backbone
 
         # backbone-only weights beside the checkpoints, for downstream use (vdg.load_backbone)
         last = checkpoint_dir / "last.ckpt"

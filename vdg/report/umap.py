@@ -16,10 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from vdg.config import ConfigError
 from vdg.data.module import eval_loader
 from vdg.eval.features import extract_features
-from vdg.eval.plots import plot_embeddings
 from vdg.eval.protocols import (
     BRANCH_CHOICES,
     IMAGE_STATS,
@@ -30,6 +28,8 @@ from vdg.eval.protocols import (
     select_branches,
 )
 from vdg.eval.results import results_dir
+from vdg.report.plots import plot_embeddings
+from vdg.run.config import ConfigError
 
 
 def exact_knn(features: Tensor, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:

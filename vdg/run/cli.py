@@ -5,10 +5,10 @@ No science and no config defaults here; each script keeps its own options.
 
 from __future__ import annotations
 
-from vdg.callbacks import NonFiniteLossError
-from vdg.checkpoint import CheckpointError
-from vdg.config import ConfigError
 from vdg.data.datasets import DataNotFoundError
+from vdg.run.callbacks import NonFiniteLossError
+from vdg.run.checkpoint import CheckpointError
+from vdg.run.config import ConfigError
 
 # Errors caused by input (config, data, checkpoint) or a diverged run: scripts print `error: <message>` and exit 1
 # instead of a traceback.

@@ -15,7 +15,7 @@ from typing import Any
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from vdg.config import ConfigError
+from vdg.run.config import ConfigError
 
 LOGGERS = ("csv", "wandb", "tensorboard")
 WANDB_MODES = ("offline", "online", "disabled")

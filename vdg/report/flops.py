@@ -19,8 +19,8 @@ def block_labels(cost: NetworkCost) -> list[str]:
     """ "(B1,L1)" ... "(B4,L2)": stage and block-in-stage of every block (a stage starts where the width changes)."""
     labels, stage, index, previous = [], 0, 0, None
     for block in cost.blocks:
-        if block.channels != previous:
-            stage, index, previous = stage + 1, 0, block.channels
+        if block.planes != previous:
+            stage, index, previous = stage + 1, 0, block.planes
         index += 1
         labels.append(f"(B{stage},L{index})")
     return labels
@@ -52,10 +52,10 @@ def flops_summary(cfg: DictConfig) -> dict[str, Any]:
             "gate_macs": cost.gate_macs,
             "blocks_full_macs": [b.full for b in cost.blocks],
         }
-    from vdg.checkpoint import require_branch
     from vdg.data.module import eval_loader
     from vdg.eval.features import extract_features, gate_report
     from vdg.eval.protocols import data_config, load_checkpoint, resolve_device
+    from vdg.run.checkpoint import require_branch
 
     report = bool(cfg.get("report", False))
     model = load_checkpoint(cfg.ckpt)
@@ -87,8 +87,8 @@ def flops_summary(cfg: DictConfig) -> dict[str, Any]:
 
 def write_report(cfg: DictConfig, model: Any, summary: dict[str, Any], num_test: int) -> dict[str, str]:
     """flops_report.json (a "flops" record, see `vdg.eval.results`) and channel_usage.png; their paths."""
-    from vdg.eval.plots import plot_channel_usage
     from vdg.eval.results import base_record, results_dir, write_json
+    from vdg.report.plots import plot_channel_usage
 
     out = results_dir(cfg.ckpt, cfg.get("results_dir"))
     record = base_record("flops", model.cfg, summary["dataset"], "gated", cfg.ckpt, cfg)

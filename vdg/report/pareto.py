@@ -1,6 +1,6 @@
 """Accuracy against FLOPs reduction across budgets t_d, dense and gated, ours next to the paper's: PNG figures.
 
-It reads result records (`vdg.eval.tables.load_results`) and the paper's numbers (`vdg.eval.paper_results`);
+It reads result records (`vdg.report.tables.load_results`) and the paper's numbers (`vdg.report.paper_results`);
 it evaluates nothing and never edits a number.
 
 One figure per protocol and dataset: x = FLOPs reduction F_R = 1 - gated/dense MACs on the test split (%),
@@ -22,8 +22,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vdg.eval.paper_results import DATASET_NAMES, PAPER_TABLES, CellKey, PaperValue
-from vdg.eval.tables import BUDGET_TOL, load_results, record_key
+from vdg.report.paper_results import DATASET_NAMES, PAPER_TABLES, CellKey, PaperValue
+from vdg.report.tables import BUDGET_TOL, load_results, record_key
 
 # protocol panel -> the paper tables with its numbers (Table 3's gated rows print no FLOPs reduction)
 PAPER_PANELS: dict[str, tuple[str, ...]] = {"linear": ("table1",), "knn-k1-euclidean": ("table4", "table5", "table6")}
