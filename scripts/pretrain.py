@@ -34,6 +34,12 @@ def skip_rule(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
+def missing_teacher(cfg: DictConfig) -> bool:
+    """A distillation job (its method distils a `method.teacher_output`) whose teacher.path is still unset."""
+    distills = OmegaConf.select(cfg, "method.teacher_output", default=None) is not None
+    return distills and OmegaConf.select(cfg, "teacher.path", default=None) is None
+
+
 @hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     overrides = " ".join(shlex.quote(o) for o in job_overrides())
@@ -44,6 +50,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.dry_run:  # the overrides reproduce the job alone; the shell comment says where it would write
         OmegaConf.to_container(cfg, resolve=True)  # a broken interpolation fails now, not hours into a job
         print(f"job: {overrides}  # run_dir: {cfg.run_dir}", flush=True)
+        if missing_teacher(cfg):
+            print(f"  note: {overrides}: teacher.path is not set, so this job will stop at once (the teacher is a "
+                  "file you supply: see the sweep's config)", file=sys.stderr, flush=True)
         return
     # imported here: a dry run lists a sweep without loading torch
     from vdg.run.cli import USER_ERRORS

@@ -47,3 +47,44 @@ def _threads():
     # Tiny test models run several times faster on one thread (thread overhead dominates their kernels).
     torch.set_num_threads(1)
     yield
+
+
+def write_tiny_teacher(folder: Path, width: int = 4, dataset: str = "synthetic") -> Path:
+    """A width-`width` dense ResNet-18 written as a vdg backbone export (.pt + .json): a teacher in milliseconds."""
+    import json
+
+    from vdg.models import GatedResNet
+
+    torch.manual_seed(0)
+    encoder = GatedResNet(width=width, branches=("dense",), bn_split="none")
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / f"teacher-w{width}.pt"
+    torch.save(encoder.state_dict(), weights)
+    metadata = {
+        "format": "vdg-backbone",
+        "format_version": 1,
+        "branch": "dense",
+        "arch": encoder.arch_config(),
+        "feature_dim": encoder.feature_dim,
+        "gate": None,
+        "budget": None,
+        "method": "vicreg",
+        "pretrain_dataset": dataset,
+        "image_size": 32,
+        "normalize": {"mean": [0.4717, 0.5088, 0.5008], "std": [0.2812, 0.2788, 0.2843]},
+        "source": {"checkpoint": "tests", "epoch": 0, "global_step": 0, "arch": encoder.arch_config()},
+        "files": {"pt": weights.name},
+    }
+    weights.with_suffix(".json").write_text(json.dumps(metadata))
+    return weights
+
+
+def distill_overrides(method: str, teacher: Path) -> list[str]:
+    """What a distillation method needs on top of TINY: a teacher file, and a queue that fits a tiny run.
+
+    The tiny teacher has no head, so SEED distils its features (32-d at width 4, TINY's projector output)."""
+    if method == "simreg":
+        return [f"teacher.path={teacher}"]
+    if method == "seed":
+        return [f"teacher.path={teacher}", "method.teacher_output=features", "method.queue_size=40"]
+    return []

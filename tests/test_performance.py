@@ -30,7 +30,7 @@ from vdg.methods import METHODS, BaseMethod, build_method
 from vdg.run.callbacks import NonFiniteGuard
 from vdg.run.driver import trainer_kwargs
 
-from .conftest import TINY, compose_config
+from .conftest import TINY, compose_config, distill_overrides, write_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 WATCHED = (str(Path(vdg.__file__).parent),)  # the code whose host access counts
@@ -130,8 +130,9 @@ def fit_counting(cfg) -> HostAccessCounter:  # noqa: ANN001 - DictConfig
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_training_step_reads_nothing_back_to_the_host(method, tiny_cfg):
-    counter = fit_counting(tiny_cfg(f"method={method}"))
+def test_training_step_reads_nothing_back_to_the_host(method, tiny_cfg, tmp_path):
+    teacher = write_tiny_teacher(tmp_path / "teacher") if method in ("simreg", "seed") else None
+    counter = fit_counting(tiny_cfg(f"method={method}", *distill_overrides(method, teacher)))
     assert counter.reads == []
 
 

@@ -63,6 +63,10 @@ PARSE_ONLY = {
         "needs the network and a wandb login"
     ),
     "python scripts/pretrain.py -m +sweep=table1": "a full sweep: dry-run instead",
+    "python scripts/pretrain.py method=seed dataset=cifar100 budget=0.3 teacher.path=moco_v2_800ep_pretrain.pth.tar "
+    "student.channels_from=runs/vdg/cifar100/td0.3/seed5/checkpoints/last.ckpt": (
+        "needs the MoCo authors' ResNet-50 file and a CIFAR-100 VDG run"
+    ),
     "python scripts/pretrain.py -m +sweep=table4 seed=1,2,3": "a full sweep: dry-run instead",
 }
 
@@ -278,6 +282,8 @@ def check_outputs(argv: list[str], out: str, cwd: Path, index: int) -> None:
         summary = json.loads((cwd / f"runs/readme/{index}/summary.json").read_text())
         method = next((a.split("=", 1)[1] for a in argv if a.startswith("method=")), "vdg")
         assert summary["method"] == method and summary["epochs"] == 1
+        if method in ("simreg", "seed"):  # Table 3's evaluation, chained: the student is one dense network
+            assert [(r["branch"], r["distance"], r["k"]) for r in summary["evaluations"]] == [("dense", "cosine", 1)]
         if "logger=wandb" in argv:
             assert list((cwd / f"runs/readme/{index}/wandb").glob("offline-run-*"))
         if "logger=tensorboard" in argv:
@@ -285,7 +291,8 @@ def check_outputs(argv: list[str], out: str, cwd: Path, index: int) -> None:
         if "trainer.progress=plain" in argv:
             assert re.search(r"\[vdg\] epoch 1/1 done in ", out)
     elif "dry_run=true" in argv:
-        assert out.count("job: ") == 26  # Table 1's grid, as the README says
+        jobs = {"+sweep=table1": 26, "+sweep=table3": 17}  # the grids, as the README says
+        assert out.count("job: ") == next(n for sweep, n in jobs.items() if sweep in argv)
     elif script in ("scripts/knn_eval.py", "scripts/linear_eval.py"):
         records = [json.loads(chunk) for chunk in re.findall(r"^\{.*?^\}", out, re.M | re.S)]
         assert {r["branch"] for r in records} == ({"gated"} if "branch=gated" in argv else {"dense", "gated"})
@@ -388,8 +395,8 @@ def test_config_group_table_lists_every_option():
 def test_config_group_defaults_come_first():
     defaults = {}
     for entry in OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "pretrain.yaml").defaults):
-        if isinstance(entry, dict):
-            defaults.update({k: v for k, v in entry.items() if v})
+        if isinstance(entry, dict):  # `optional recipe: ${method}` follows the method: no default of its own
+            defaults.update({k: v for k, v in entry.items() if v and not str(v).startswith("${")})
     rows = dict(re.findall(r"^\| `(\w+)/` \| `([\w+-]+)`", section("Configuration"), re.M))
     for group, option in defaults.items():
         assert rows[group] == option, group

@@ -74,12 +74,13 @@ EXPECTED: dict[str, list[dict[str, str]]] = {
     ),
     "table2": grid(("vicreg",), (("cifar100", ("0.3",)), ("imagenet100", ("0.3",))))
     + grid(("vdg",), (("cifar100", BUDGETS), ("imagenet100", ("0.3", "0.5")))),
-    "table3": grid(("vdg",), (("cifar100", BUDGETS), ("imagenet100", ("0.3", "0.5")))),
+    "table3": grid(("vicreg",), (("cifar100", ("0.3",)), ("imagenet100", ("0.3",))))  # the SimReg teachers
+    + grid(("vdg", "simreg", "seed"), (("cifar100", BUDGETS), ("imagenet100", ("0.3", "0.5")))),
     "table4": grid(("bt_dual", "vdg"), KNN_DATASETS),
     "table5": grid(("vdg", "vdg_2x"), KNN_DATASETS),
     "table6": grid(("vdg",), KNN_DATASETS, invariance="with") + grid(("vdg",), KNN_DATASETS, invariance="without"),
 }
-JOB_COUNTS = {"table1": 26, "table2": 7, "table3": 5, "table4": 12, "table5": 12, "table6": 12}
+JOB_COUNTS = {"table1": 26, "table2": 7, "table3": 17, "table4": 12, "table5": 12, "table6": 12}
 
 
 # ----- dry runs list exactly the paper's grid --------------------------------------------------------------
@@ -133,6 +134,35 @@ def test_each_sweep_chains_its_tables_evaluation(table, job, expected):
     cfg = job_config(table, job)
     assert cfg.method.name == job["method"] and cfg.dataset.name == job["dataset"]
     assert OmegaConf.to_container(cfg.evaluate, resolve=True) == expected
+
+
+def test_table3_kd_jobs_name_their_teacher_and_policy():
+    """SimReg: Table 1's VICReg run of the same dataset; SEED: the MoCo-v2 file (unset: the job stops at once);
+    both students take the widths of the VDG run at their t_d. The gated rows and teachers distil nothing."""
+    simreg = job_config("table3", {"method": "simreg", "dataset": "cifar100", "budget": "0.1"})
+    assert simreg.teacher.path == "runs/vicreg/cifar100/td0.3/seed5/checkpoints/last.ckpt"
+    assert simreg.student.channels_from == "runs/vdg/cifar100/td0.1/seed5/checkpoints/last.ckpt"
+    assert simreg.student.budget == 0.1 and simreg.teacher.pretrain_dataset is None  # read from the vicreg run
+    assert simreg.teacher.path.removesuffix("/checkpoints/last.ckpt") == job_config(
+        "table1", {"method": "vicreg", "dataset": "cifar100", "budget": "0.3"}
+    ).run_dir
+    assert simreg.student.channels_from.startswith(job_config("table3", {"method": "vdg", "dataset": "cifar100",
+                                                                           "budget": "0.1"}).run_dir)
+    seed = job_config("table3", {"method": "seed", "dataset": "imagenet100", "budget": "0.5"}, "moco_v2_r50=/m.tar")
+    assert (seed.teacher.path, seed.teacher.pretrain_dataset) == ("/m.tar", "imagenet1k")
+    assert seed.optimizer.name == "sgd" and seed.trainer.max_epochs == 200  # SEED's recipe
+    assert simreg.optimizer.name == "sgd" and simreg.trainer.max_epochs == 130
+    for method in ("vicreg", "vdg"):
+        cfg = job_config("table3", {"method": method, "dataset": "cifar100", "budget": "0.3"})
+        assert cfg.teacher.path is None and cfg.student.channels_from is None and cfg.optimizer.name == "lars"
+
+
+def test_table3_dry_run_flags_the_seed_jobs_without_their_teacher_file():
+    missing_teacher = load_script().missing_teacher
+    job = {"dataset": "cifar100", "budget": "0.3"}
+    assert missing_teacher(job_config("table3", {**job, "method": "seed"}))
+    assert not missing_teacher(job_config("table3", {**job, "method": "seed"}, "moco_v2_r50=/m.tar"))
+    assert not any(missing_teacher(job_config("table3", {**job, "method": m})) for m in ("simreg", "vdg", "vicreg"))
 
 
 def test_table6_variants_set_the_invariance_weight_and_keep_their_runs_apart():

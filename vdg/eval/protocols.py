@@ -21,7 +21,7 @@ from vdg.eval.features import Features, extract_features, gate_report
 from vdg.eval.knn import DISTANCES, WEIGHTINGS, knn_accuracy
 from vdg.eval.linear import LinearProtocol, train_linear_on_features, train_linear_on_images
 from vdg.eval.results import accuracy_fields, base_record, result_filename, results_dir, write_json
-from vdg.models import Branch
+from vdg.models import Branch, GatedResNet, network_cost
 from vdg.run.checkpoint import CheckpointError, load_method, require_branch
 from vdg.run.config import ConfigError
 
@@ -151,10 +151,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def flops_fields(model: Any, branch: Branch, test: Features | None) -> dict[str, Any]:
-    """MACs per image of the evaluated branch on the test split (deterministic gates); dense: no reduction."""
+    """MACs per image of the evaluated branch on the test split (deterministic gates); dense: no reduction,
+    except for a slim network (backbone.block_widths, e.g. a Table 3 student): its MACs against the standard
+    ResNet-18's at the same width and input size."""
     dense = model.cost.dense_macs
     if branch is Branch.DENSE:
-        return {"flops_reduction": 0.0, "dense_macs": dense, "gated_macs": dense}
+        widths = getattr(model.backbone, "block_widths", None)
+        if widths is None:
+            return {"flops_reduction": 0.0, "dense_macs": dense, "gated_macs": dense}
+        standard = GatedResNet(width=model.backbone.width, stem=model.backbone.stem_kind, branches=("dense",))
+        full = network_cost(standard, int(model.cfg.dataset.image_size)).dense_macs
+        return {"flops_reduction": 1.0 - dense / full, "dense_macs": full, "gated_macs": dense}
     report = gate_report(test.active_channels, model.cost)
     return {
         "flops_reduction": report["flops_reduction"],

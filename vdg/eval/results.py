@@ -16,6 +16,8 @@ A record is one JSON object per file in `<checkpoint dir>/results/` (one file pe
     flops_reduction  1 - gated/dense MACs on the evaluated test split, a fraction (0.0 for the dense branch)
     dense_macs, gated_macs   MACs per image of the dense network and (mean) of the evaluated branch
     ckpt, config_hash        the checkpoint and `config_hash(pretraining config, eval config)`
+    teacher          distilled students (simreg, seed) only: the pretraining config's teacher block (path, format,
+                     sha256, pretrain_dataset: the teacher's D_Pretrain, ...)
 
 Also: image_size, num_train, num_test, eval_config (the whole eval config); linear/transfer: top5 (mean),
 final_train_loss (per run); gated branch: density_per_block (rho_b on the test split).
@@ -101,7 +103,7 @@ def base_record(
 ) -> dict[str, Any]:
     """The fields every record carries, from the checkpoint's pretraining config and the eval config."""
     pre = _plain(pretrain_cfg)
-    return {
+    record = {
         "protocol": protocol,
         "method": pre["method"]["name"],
         "method_config": pre["method"],
@@ -113,6 +115,10 @@ def base_record(
         "ckpt": str(Path(ckpt).resolve()),
         "config_hash": config_hash(pre, eval_cfg),
     }
+    teacher = pre.get("teacher") or {}
+    if teacher.get("path") is not None:  # a distilled student: which teacher (Table 3's D_Pretrain is the teacher's)
+        record["teacher"] = teacher
+    return record
 
 
 def result_filename(

@@ -6,6 +6,9 @@ from typing import Any
 
 from vdg.methods.base import BaseMethod, StepOutput
 from vdg.methods.bt_dual import BTDual
+from vdg.methods.distill import DistillMethod
+from vdg.methods.seed import SEED
+from vdg.methods.simreg import SimReg
 from vdg.methods.vdg import VDG
 from vdg.methods.vdg_2x import VDG2x
 from vdg.methods.vicreg import VICReg
@@ -17,6 +20,8 @@ METHODS: dict[str, type[BaseMethod]] = {
     "vicreg_gating": VICRegGating,
     "bt_dual": BTDual,
     "vdg_2x": VDG2x,
+    "simreg": SimReg,
+    "seed": SEED,
 }
 
 
@@ -39,6 +44,9 @@ __all__ = [
     "METHODS",
     "BaseMethod",
     "BTDual",
+    "DistillMethod",
+    "SEED",
+    "SimReg",
     "StepOutput",
     "VDG",
     "VDG2x",

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from vdg.losses import bound_annealing, bound_loss, budget_loss
 from vdg.models import BackboneOutput, Branch, GatedResNet, network_cost
-from vdg.optim import LARS, SCHEDULERS, lars_param_groups, warmup_cosine
+from vdg.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, lars_param_groups, warmup_cosine
 
 
 @dataclass
@@ -73,6 +73,12 @@ class BaseMethod(pl.LightningModule):
         if cfg.probe.enabled and cfg.dataset.get("has_labels", True):
             for branch in self.branches:
                 self.probes[branch.value] = nn.Linear(self.backbone.feature_dim, int(cfg.dataset.num_classes))
+
+    @classmethod
+    def prepare_config(cls, cfg: DictConfig) -> None:
+        """Resolve, in place, config values a method reads from files before the run starts (the driver calls it
+        before comparing a resumed run's config). The distillation methods record their teacher here; others
+        have nothing to resolve."""
 
     def build_backbone(self, cfg: DictConfig) -> nn.Module:
         """The encoder serving `branches`; vdg_2x overrides it with two separate encoders."""
@@ -183,8 +189,8 @@ class BaseMethod(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         o, s = self.cfg.optimizer, self.cfg.scheduler
-        if o.name != "lars":
-            raise ValueError(f"unknown optimizer.name {o.name!r}; allowed values: ['lars']")
+        if o.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer.name {o.name!r}; allowed values: {list(OPTIMIZERS)}")
         if s.name not in SCHEDULERS:
             raise ValueError(f"unknown scheduler.name {s.name!r}; allowed values: {list(SCHEDULERS)}")
         scale = int(self.cfg.data.batch_size) / 256 if o.scale_lr else 1.0
@@ -202,13 +208,14 @@ class BaseMethod(pl.LightningModule):
                     "lars": False,
                 }
             )
-        optimizer = LARS(
+        optimizer = build_optimizer(
+            str(o.name),
             groups,
             lr=lr,
             momentum=float(o.momentum),
             weight_decay=float(o.weight_decay),
-            eta=float(o.eta),
-            clip_lr=bool(o.clip_lr),
+            eta=float(o.get("eta", 0.02)),
+            clip_lr=bool(o.get("clip_lr", True)),
         )
         if s.name == "constant":
             return optimizer

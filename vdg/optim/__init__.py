@@ -4,12 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from vdg.optim.lars import LARS
 from vdg.optim.schedule import INTERVALS, SCHEDULERS, warmup_cosine
 
-__all__ = ["LARS", "INTERVALS", "SCHEDULERS", "warmup_cosine", "lars_param_groups"]
+__all__ = ["LARS", "INTERVALS", "OPTIMIZERS", "SCHEDULERS", "build_optimizer", "warmup_cosine", "lars_param_groups"]
+
+# lars: the official VDG optimizer; sgd: plain SGD with momentum (the SimReg and SEED recipes)
+OPTIMIZERS = ("lars", "sgd")
+
+
+def build_optimizer(
+    name: str, groups: list[dict], lr: float, momentum: float, weight_decay: float, eta: float, clip_lr: bool
+) -> torch.optim.Optimizer:
+    """`name` over the param groups of `lars_param_groups` (each group keeps its own weight decay).
+
+    sgd ignores the groups' `lars` flags and `eta`/`clip_lr`: every group gets its own weight decay, so with
+    optimizer.exclude_bias_n_norm=false every tensor is decayed, as torch.optim.SGD(model.parameters()) does.
+    """
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip_lr=clip_lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer.name {name!r}; allowed values: {list(OPTIMIZERS)}")
 
 
 def lars_param_groups(

@@ -34,8 +34,9 @@ class CellKey:
     """One branch of one model, pretrained on `pretrain_dataset`, evaluated on `dataset`, at budget t_d.
 
     model: a record's `method` ("vicreg", "vicreg_gating", "vdg", "bt_dual", "vdg_2x"), or "vdg_no_invariance"
-    (vdg with invariance weight 0, Table 6) or "simreg" / "seed" (the KD students of Table 3, paper-only).
-    budget: t_d as a fraction; None for dense VICReg, which has no budget.
+    (vdg with invariance weight 0, Table 6) or "simreg" / "seed" (the KD students of Table 3: a dense network,
+    so branch "dense"; pretrain_dataset is the teacher's D_Pretrain, dataset the student's D_Target).
+    budget: t_d as a fraction (a KD student's: the t_d of the gate policy that shaped it); None for dense VICReg.
     """
 
     model: str
@@ -91,6 +92,7 @@ _T2_BUDGETS = (0.1, 0.3, 0.5)
 # ---- Table 3: 1-NN top-1 of KD students vs our gated network (l2-normalised features) ---------------------
 # "Ours" on CIFAR-100 (56.57/58.49/59.83) differs from Table 4's gated 1-NN (54.66/55.53/57.25):
 # Table 3 l2-normalises features, Tables 4-6 do not. The ImageNet-100 rows equal the official k-NN JSONs.
+KD_MODELS = frozenset({"simreg", "seed"})  # Table 3's distilled students (vdg.methods.simreg, vdg.methods.seed)
 TABLE3_TEACHERS: dict[str, str] = {
     "simreg": "VICReg (R18), 500 ep",
     "seed": "MoCo-v2 (R50), 800 ep",
@@ -172,7 +174,10 @@ def _table2() -> dict[CellKey, PaperValue]:
 
 
 def _table3() -> dict[CellKey, PaperValue]:
-    return {CellKey(m, "gated", src, dst, td): PaperValue(top1) for m, src, dst, td, top1 in _T3_ROWS}
+    return {
+        CellKey(m, "dense" if m in KD_MODELS else "gated", src, dst, td): PaperValue(top1)
+        for m, src, dst, td, top1 in _T3_ROWS
+    }
 
 
 def _dual(model: str, rows: list[tuple[str, float, float, float, float]]) -> dict[CellKey, PaperValue]:

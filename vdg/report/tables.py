@@ -4,8 +4,10 @@ It only reads result records and writes Markdown/CSV; it must not evaluate model
 
 A record (one JSON object per file, written by the evaluation scripts) enters a table when its protocol
 matches (Table 1 "linear", Table 2 "transfer", Tables 3-6 "knn" with k = 1 and the paper's distance), and a
-cell when its model, branch, datasets and t_d match (t_d within `BUDGET_TOL`). Ours pools every evaluation
-run (`runs`, else `value`) of every matching record: mean ± sample std (ddof 1), ± omitted for a single run.
+cell when its model, branch, datasets and t_d match (t_d within `BUDGET_TOL`). Table 3's distilled
+students (simreg, seed) are dense networks whose D_Pretrain is their teacher's (`teacher.pretrain_dataset`).
+Ours pools every evaluation run (`runs`, else `value`) of every matching record: mean ± sample std (ddof 1),
+± omitted for a single run.
 Δ = ours - paper, computed from the two numbers as displayed.
 """
 
@@ -25,6 +27,7 @@ import numpy as np
 from vdg.report.paper_results import (
     DATASET_NAMES,
     DENSE_FLOPS,
+    KD_MODELS,
     PAPER_TABLES,
     TABLE3_TEACHERS,
     TABLE_NAMES,
@@ -33,22 +36,21 @@ from vdg.report.paper_results import (
 )
 
 MISSING = "—"  # no matching run, or no number printed in the paper
-NOT_RUN = "n/a"  # paper-only rows (the KD students of Table 3)
 BUDGET_TOL = 1e-4  # t_d 0.3 and 0.30000001 are the same budget
-PAPER_ONLY_MODELS = frozenset({"simreg", "seed"})
 
 Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Row:
-    """A table row: its label cells and the part of the CellKey it fixes (model only in Table 3)."""
+    """A table row: its label cells and the part of the CellKey it fixes (model and branch only in Table 3)."""
 
     labels: tuple[str, ...]
     pretrain_dataset: str
     dataset: str
     budget: float | None = None
     model: str | None = None
+    branch: str | None = None  # overrides the column's: Table 3's KD students are dense networks
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def _dual_columns(model: str, label: str) -> tuple[Column, ...]:
 
 
 def _table3_rows() -> tuple[Row, ...]:
-    """One row per printed student; the KD students (SimReg, SEED) are paper-only."""
+    """One row per printed student: the KD students (SimReg, SEED, dense) and our gated network."""
     method = {"simreg": "SimReg", "seed": "SEED", "vdg": "Ours (Gated)"}
     return tuple(
         Row(
@@ -123,6 +125,7 @@ def _table3_rows() -> tuple[Row, ...]:
             key.dataset,
             key.budget,
             key.model,
+            key.branch,
         )
         for key in PAPER_TABLES["table3"]
     )
@@ -233,10 +236,13 @@ def record_key(record: Record) -> CellKey:
     if model == "vdg" and (record.get("method_config") or {}).get("invariance_weight") == 0:
         model = "vdg_no_invariance"
     budget = record.get("budget")
+    pretrain = record.get("pretrain_dataset", "")
+    if model in KD_MODELS:  # a student's D_Pretrain is its teacher's; it was distilled on D_Target
+        pretrain = (record.get("teacher") or {}).get("pretrain_dataset") or ""
     return CellKey(
         model,
         record.get("branch", ""),
-        record.get("pretrain_dataset", ""),
+        pretrain,
         record.get("dataset", ""),
         None if model == "vicreg" or budget is None else float(budget),
     )
@@ -261,7 +267,7 @@ def _cell_key(row: Row, col: Column) -> CellKey:
     budget = col.budget if col.budget is not None else row.budget
     if model == "vicreg":  # the dense baseline has no budget
         budget = None
-    return CellKey(model, col.branch, row.pretrain_dataset, row.dataset, budget)
+    return CellKey(model, row.branch or col.branch, row.pretrain_dataset, row.dataset, budget)
 
 
 def _pooled(records: list[Record]) -> tuple[float, float, int] | None:
@@ -286,8 +292,6 @@ def _top1_cells(key: CellKey, records: list[Record], paper: PaperValue | None) -
         paper_text = MISSING
     else:
         paper_text = f"{paper.top1:.2f}" + ("" if paper.std is None else f" ± {paper.std:.2f}")
-    if key.model in PAPER_ONLY_MODELS:
-        return [NOT_RUN, paper_text, NOT_RUN]
     pooled = _pooled(records)
     if pooled is None:
         return [MISSING, paper_text, MISSING]

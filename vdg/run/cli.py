@@ -6,13 +6,14 @@ No science and no config defaults here; each script keeps its own options.
 from __future__ import annotations
 
 from vdg.data.datasets import DataNotFoundError
+from vdg.models.teachers import TeacherError
 from vdg.run.callbacks import NonFiniteLossError
 from vdg.run.checkpoint import CheckpointError
 from vdg.run.config import ConfigError
 
 # Errors caused by input (config, data, checkpoint) or a diverged run: scripts print `error: <message>` and exit 1
 # instead of a traceback.
-USER_ERRORS = (CheckpointError, ConfigError, DataNotFoundError, NonFiniteLossError)
+USER_ERRORS = (CheckpointError, ConfigError, DataNotFoundError, NonFiniteLossError, TeacherError)
 
 
 def split_options(argv: list[str], defaults: dict[str, str]) -> tuple[dict[str, str], list[str]]:

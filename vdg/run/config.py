@@ -10,7 +10,7 @@ from typing import Any
 from vdg.data.datasets import DATASETS
 from vdg.data.gpu_module import BACKENDS
 from vdg.models.resnet import BN_SPLITS, STEMS
-from vdg.optim import INTERVALS
+from vdg.optim import INTERVALS, OPTIMIZERS
 
 RESUME_MODES = ("auto", "never")
 
@@ -88,3 +88,38 @@ def validate_pretrain_config(cfg: Any) -> None:
         cfg.gating.budget_weight >= 0 and cfg.gating.bound_weight >= 0 and cfg.gating.bound_alpha >= 0,
         "gating.budget_weight, gating.bound_weight and gating.bound_alpha must be >= 0",
     )
+    _require(
+        cfg.optimizer.name in OPTIMIZERS,
+        f"unknown optimizer.name {cfg.optimizer.name!r}; allowed values: {list(OPTIMIZERS)}",
+    )
+    validate_distillation_config(cfg)
+
+
+def validate_distillation_config(cfg: Any) -> None:
+    """teacher.* only with a distillation method (simreg, seed), and in range; student.budget a t_d."""
+    from vdg.methods import METHODS, DistillMethod
+    from vdg.models.teachers import TEACHER_FORMATS
+
+    teacher = cfg.get("teacher") or {}
+    distills = issubclass(METHODS[cfg.method.name], DistillMethod)
+    kd = sorted(name for name, cls in METHODS.items() if issubclass(cls, DistillMethod))
+    _require(
+        distills or teacher.get("path") is None,
+        f"teacher.path is set, but method={cfg.method.name} has no teacher; the distillation methods are {kd}",
+    )
+    formats = ["auto", *TEACHER_FORMATS]
+    _require(
+        teacher.get("format", "auto") in formats,
+        f"unknown teacher.format {teacher.get('format')!r}; allowed values: {formats}",
+    )
+    _require(
+        teacher.get("branch", "dense") in ("dense", "gated"),
+        f"unknown teacher.branch {teacher.get('branch')!r}; allowed values: ['dense', 'gated']",
+    )
+    student = cfg.get("student") or {}
+    if student.get("channels_from") is not None:
+        budget = student.get("budget")
+        _require(
+            isinstance(budget, int | float) and not isinstance(budget, bool) and 0 < budget <= 1,
+            f"student.budget={budget!r} is outside (0, 1]: the t_d of the student.channels_from checkpoint",
+        )

@@ -19,7 +19,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from vdg.data import PretrainDataModule
 from vdg.data.module import eval_loader
-from vdg.methods import BaseMethod, build_method
+from vdg.methods import METHODS, BaseMethod, build_method
 from vdg.models import Branch
 from vdg.run.callbacks import FAULT_ENV, EpochTimer, FaultInjection, NonFiniteGuard, RNGState
 from vdg.run.checkpoint import CheckpointError, config_differences, read_checkpoint
@@ -27,6 +27,7 @@ from vdg.run.checkpoint_io import AtomicCheckpointIO
 from vdg.run.config import ConfigError, validate_pretrain_config
 from vdg.run.logging import build_loggers
 from vdg.run.progress import progress_callbacks
+from vdg.run.student import resolve_student_widths, save_student_record
 
 # Keys of `trainer:` that are vdg's own switches rather than Lightning Trainer arguments.
 VDG_TRAINER_KEYS = ("channels_last", "compile", "progress", "progress_every_n_steps")
@@ -111,6 +112,10 @@ def _metric(metrics: dict[str, Any], key: str) -> float | None:
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Train one method on one dataset (resuming its run directory when possible); returns the summary."""
     validate_pretrain_config(cfg)
+    # values read from files (a slim student's widths, a teacher's record) join the config before it is
+    # compared with a resumed run's and saved
+    METHODS[cfg.method.name].prepare_config(cfg)  # first: a missing teacher file is the likeliest gap
+    student = resolve_student_widths(cfg)
     run_dir = Path(cfg.run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     ckpt_path = find_resume_checkpoint(cfg, run_dir)
@@ -121,6 +126,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # under torchrun/srun every process runs this function
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if student is not None:
+            save_student_record(run_dir, student)
 
     pl.seed_everything(int(cfg.seed), workers=True)
     datamodule = PretrainDataModule(cfg)
