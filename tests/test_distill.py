@@ -122,6 +122,8 @@ def test_teacher_is_frozen_bit_identical_and_outside_the_optimiser(method, tmp_p
     after = model.teacher.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(m.training for m in model.teacher.modules())  # Lightning's .train() did not switch it (BN stats)
+    model.train()  # what Lightning may call on the whole module at every epoch
+    assert not any(m.training for m in model.teacher.modules())
     assert all(not p.requires_grad for p in model.teacher.parameters())
     optimizer = trainer.optimizers[0]  # the paper's recipe: plain SGD, weight decay 1e-4 on every student tensor
     assert type(optimizer) is torch.optim.SGD and {g["weight_decay"] for g in optimizer.param_groups} == {1e-4}

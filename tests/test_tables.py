@@ -232,6 +232,22 @@ def test_other_protocols_do_not_leak(tmp_path: Path) -> None:
     assert tables["table3"].rows[0][5:8] == ["—", "37.32", "—"]  # SimReg: no student run among the records
 
 
+def test_table3_kd_students_are_dense_rows_keyed_by_their_teachers_pretraining_data() -> None:
+    """A SEED student distilled on CIFAR-100 from an ImageNet-1K teacher fills the "ImageNet-1K -> CIFAR-100" row."""
+    cosine = {"protocol": "knn", "k": 1, "distance": "cosine", "pretrain_dataset": "cifar100", "dataset": "cifar100"}
+    records = [
+        _record("seed", "dense", 0.3, 36.0, teacher={"pretrain_dataset": "imagenet1k"}, **cosine),
+        _record("seed", "dense", 0.5, 99.0, teacher={"pretrain_dataset": None}, **cosine),  # unknown: no row
+        _record("simreg", "dense", 0.1, 40.0, teacher={"pretrain_dataset": "cifar100"}, **cosine),
+        _record("simreg", "gated", 0.1, 77.0, teacher={"pretrain_dataset": "cifar100"}, **cosine),  # not a student
+    ]
+    rows = {(row[0], row[1], row[2], row[4]): row[5:8] for row in build_table("table3", records).rows}
+    assert rows[("SEED", "ImageNet-1K", "CIFAR-100", "R18 (30%)")] == ["36.00", "35.29", "+0.71"]
+    assert rows[("SEED", "ImageNet-1K", "CIFAR-100", "R18 (50%)")] == ["—", "38.22", "—"]
+    assert rows[("SimReg", "CIFAR-100", "CIFAR-100", "R18 (10%)")] == ["40.00", "37.32", "+2.68"]
+    assert rows[("Ours (Gated)", "CIFAR-100", "CIFAR-100", "R18 (10%)")][0] == "—"
+
+
 def test_table6_splits_on_invariance_weight() -> None:
     knn = _STL10_KNN
     records = [
