@@ -158,6 +158,18 @@ def test_resume_refuses_another_teacher_file_and_accepts_the_same(tmp_path):
     assert pretrain(tiny(run, *overrides, "trainer.max_epochs=2"))["epochs"] == 2
 
 
+def test_runs_saved_before_the_teacher_keys_existed_still_resume():
+    from omegaconf import OmegaConf
+
+    from vdg.run.checkpoint import config_differences
+
+    current = OmegaConf.to_container(compose_config(TINY), resolve=True)
+    saved = {k: v for k, v in current.items() if k not in ("teacher", "student")}
+    assert config_differences(saved, current) == []
+    changed = {**current, "teacher": {**current["teacher"], "branch": "gated"}}
+    assert config_differences(current, changed) == ["teacher.branch: 'dense' -> 'gated'"]
+
+
 def test_a_checkpoint_recording_another_teacher_is_refused_by_lightning_resume_too(tmp_path):
     teacher = write_tiny_teacher(tmp_path / "teacher")
     model = build_method(tiny(tmp_path / "run", "method=simreg", f"teacher.path={teacher}"))

@@ -108,9 +108,13 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], keys=RESU
     diffs = []
     for key in keys:
         a, b = saved, current
+        present = True
         for part in key.split("."):
+            present = present and isinstance(a, dict) and part in a
             a = a.get(part) if isinstance(a, dict) else None
             b = b.get(part) if isinstance(b, dict) else None
+        if not present:  # a key added to vdg after that run (e.g. teacher.*): it cannot have changed
+            continue
         flat_a, flat_b = _flatten(a, f"{key}."), _flatten(b, f"{key}.")
         # keys the saved config lacks were added to vdg after that run: they cannot have changed
         for leaf in sorted(set(flat_a) | set(flat_b)):
