@@ -124,6 +124,30 @@ def test_logistic_straight_through_is_bernoulli_with_sigmoid_gradient():
     assert logits.grad is not None and (logits.grad >= 0).all() and logits.grad.mean() > 0.05
 
 
+def test_gates_sample_in_float32_under_bf16_autocast():
+    """Same input, same seed: the training mask under CPU bf16 autocast is the float32 one. In bf16 the logits
+    and the logistic noise were rounded (P(open) biased by ~-0.002, ~0.2% of samples forced off) and the channel
+    counts above 256 rounded to even."""
+    gate = ChannelGate(64, 300, bias_init=4.0).train()  # ~98% open: ~295 of 300 channels per sample
+    x = torch.randn(32, 64, 4, 4)
+    torch.manual_seed(0)
+    fp32 = gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        mixed = gate(x)
+        logits = gate.logits(x)
+    assert mixed.dtype == logits.dtype == torch.float32
+    assert torch.equal(mixed, fp32)
+    counts = mixed.sum(dim=1)
+    assert torch.equal(counts, mixed.long().sum(dim=1).float())  # exact integers
+    assert (counts > 256).all() and (counts % 2 == 1).any()  # odd counts survive
+
+    model = tiny().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 32, 32), "gated")
+    assert out.features.dtype == torch.bfloat16 and {m.dtype for m in out.masks} == {torch.float32}
+
+
 def test_gate_cost_and_bias_option():
     gate = ChannelGate(64, 128)
     assert gate.macs == 64 * 16 + 16 * 128 and gate.expand.bias is None

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from vdg.methods import build_method
 from vdg.optim import LARS, lars_param_groups, warmup_cosine
 
 
@@ -32,11 +33,14 @@ def reference_lars_step(params, groups, lr, momentum, eta, clip, bufs):
 def test_lars_equals_reference_loop(clip):
     torch.manual_seed(0)
 
+    class Gate(nn.Conv2d):
+        """Stands for a gating network: its parameters get LARS without weight decay."""
+
     class Tiny(nn.Module):
         def __init__(self):
             super().__init__()
             self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
-            self.gate = nn.Conv2d(8, 8, 1)  # named "gate": LARS without weight decay
+            self.gate = Gate(8, 8, 1)
             self.head = nn.Linear(8 * 6 * 6, 4)
 
         def forward(self, x):
@@ -44,7 +48,7 @@ def test_lars_equals_reference_loop(clip):
 
     model = Tiny()
     reference = [p.detach().clone() for p in model.parameters()]
-    groups = lars_param_groups([("", model)], weight_decay=1e-2)
+    groups = lars_param_groups([("", model)], weight_decay=1e-2, no_decay_modules=(Gate,))
     assert [g["name"] for g in groups] == ["decay", "gates", "bias_and_norm"]
     opt = LARS(groups, lr=0.5, momentum=0.9, eta=0.02, clip_lr=clip)
     ref_params = [nn.Parameter(r) for r in reference]
@@ -123,7 +127,6 @@ def test_warmup_cosine_official_per_epoch_values():
     assert lr(499) == pytest.approx(0.6 * 0.5 * (1 + math.cos(math.pi * 489 / 490)))
 
 
-
 def test_lars_resumes_from_its_state_dict():
     """Momentum buffers go through state_dict: a reloaded optimizer continues exactly as the original."""
     torch.manual_seed(0)
@@ -144,3 +147,33 @@ def test_lars_resumes_from_its_state_dict():
         param.grad = grads[2].clone()
         optimizer.step()
     assert torch.equal(w, resumed)
+
+
+# ----- which parameters get weight decay ------------------------------------------------------------------------
+def group_names(model: nn.Module, exclude_bias_n_norm: bool) -> dict[str, set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = lars_param_groups([(n, m) for n, m in model.named_children() if n != "probes"], 1e-4, exclude_bias_n_norm)
+    return {g["name"]: {names[id(p)] for p in g["params"]} for g in groups}
+
+
+def test_weight_decay_goes_to_everything_but_the_gating_networks_under_both_settings(tiny_cfg):
+    """The gates are matched by module type: the gated branch's BatchNorms (norms.gated.*) keep their decay."""
+    model = build_method(tiny_cfg())
+    everything = {n for n, _ in model.named_parameters() if not n.startswith("probes.")}
+    gate_params = ("reduce.weight", "bn.weight", "bn.bias", "expand.weight")
+    gates = {f"backbone.blocks.{b}.gate.{p}" for b in range(8) for p in gate_params}
+    one_d = {n for n, p in model.named_parameters() if p.ndim == 1 and not n.startswith("probes.")}
+    gated_bns = {n for n in everything if ".norms.gated." in n}
+    assert len(gated_bns) == 32  # BN1 and BN2 of 8 blocks, weight and bias
+
+    official = group_names(model, exclude_bias_n_norm=True)  # the default
+    assert official["gates"] == gates - one_d  # the gates' 1x1 conv weights
+    assert official["bias_and_norm"] == one_d
+    assert official["decay"] == everything - gates - one_d
+
+    plain = group_names(model, exclude_bias_n_norm=False)
+    assert plain["gates"] == gates
+    assert plain["decay"] == everything - gates
+    assert gated_bns <= plain["decay"] and "bias_and_norm" not in plain
+    assert {"backbone.conv1.weight", "projector.0.bias", "projector.1.weight"} <= plain["decay"]
+

@@ -26,14 +26,17 @@ def barlow_twins_loss(
 
     Defaults are the official VDG code's (lambda_off 0.0051, scale 0.024). With `all_reduce`, C is averaged
     over processes when torch.distributed is initialised (as the official code does).
-    Returns "loss", "on_diagonal" and "off_diagonal" (unweighted sums).
+    Returns "loss", "on_diagonal" and "off_diagonal" (unweighted sums), computed in float32 whatever the autocast.
     """
-    z1, z2 = _standardise(z1.float()), _standardise(z2.float())
-    corr = z1.T @ z2 / z1.shape[0]
-    if all_reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        corr = torch.distributed.nn.functional.all_reduce(corr) / dist.get_world_size()
-    diagonal = corr.diagonal()
-    on_diagonal = (1 - diagonal).pow(2).sum()
-    off_diagonal = corr.pow(2).sum() - diagonal.pow(2).sum()
-    loss = scale * (on_diagonal + off_diagonal_weight * off_diagonal)
+    # autocast disabled: it would run the correlation matmul in bf16 despite .float() (the on-diagonal term is
+    # then quantised: exactly 0 near invariance)
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = _standardise(z1.float()), _standardise(z2.float())
+        corr = z1.T @ z2 / z1.shape[0]
+        if all_reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            corr = torch.distributed.nn.functional.all_reduce(corr) / dist.get_world_size()
+        diagonal = corr.diagonal()
+        on_diagonal = (1 - diagonal).pow(2).sum()
+        off_diagonal = corr.pow(2).sum() - diagonal.pow(2).sum()
+        loss = scale * (on_diagonal + off_diagonal_weight * off_diagonal)
     return {"loss": loss, "on_diagonal": on_diagonal, "off_diagonal": off_diagonal}

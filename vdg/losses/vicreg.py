@@ -56,19 +56,22 @@ def vicreg_loss(
     DDP-averaged gradient).
 
     Returns a dict with "loss" and the unweighted terms "invariance", "variance", "covariance".
-    Computed in float32 whatever the autocast dtype, as the statistics are precision-sensitive.
+    Computed in float32 whatever the autocast dtype (autocast is disabled inside), as the statistics are
+    precision-sensitive.
     """
     if variance_reduction not in VARIANCE_REDUCTIONS:
         raise ValueError(
             f"unknown method.variance_reduction {variance_reduction!r}; allowed values: {list(VARIANCE_REDUCTIONS)}"
         )
-    z1, z2 = z1.float(), z2.float()  # before the gather too: its backward sums gradients over ranks
-    if gather_across_processes:
-        z1, z2 = gather_rows(z1), gather_rows(z2)
-    invariance = F.mse_loss(z1, z2)
-    variance = variance_term(z1, eps) + variance_term(z2, eps)
-    if variance_reduction == "mean":
-        variance = variance / 2
-    covariance = covariance_term(z1) + covariance_term(z2)
-    loss = invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance
+    # .float() alone is not enough: autocast would run the covariance matmul in bf16 again (loss off by ~0.2%)
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = z1.float(), z2.float()  # before the gather too: its backward sums gradients over ranks
+        if gather_across_processes:
+            z1, z2 = gather_rows(z1), gather_rows(z2)
+        invariance = F.mse_loss(z1, z2)
+        variance = variance_term(z1, eps) + variance_term(z2, eps)
+        if variance_reduction == "mean":
+            variance = variance / 2
+        covariance = covariance_term(z1) + covariance_term(z2)
+        loss = invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance
     return {"loss": loss, "invariance": invariance, "variance": variance, "covariance": covariance}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from vdg.losses import bound_annealing, bound_loss, budget_loss
+from vdg.losses import bound_annealing, bound_channel_counts, bound_loss, budget_loss
 from vdg.models import BackboneOutput, Branch, GatedResNet, network_cost
 from vdg.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, lars_param_groups, warmup_cosine
 
@@ -53,9 +53,10 @@ class BaseMethod(pl.LightningModule):
     """Owns everything but the SSL objective.
 
     Subclasses set `branches` (the networks the encoder serves), build their heads in `__init__` and
-    implement `ssl_step(views, targets) -> StepOutput`. Gated methods call `gate_terms` for the budget and
-    bound losses. Heads registered as attributes are optimised automatically (LARS groups, see
-    `configure_optimizers`); the online probes get their own group without LARS or weight decay.
+    implement `ssl_step(views, targets) -> StepOutput`. Gated methods pass their gated passes' outputs to
+    `gate_terms(out)` for the budget and bound losses. Heads registered as attributes are optimised
+    automatically (LARS groups, see `configure_optimizers`); the online probes get their own group without
+    LARS or weight decay.
     """
 
     name: ClassVar[str] = "base"
@@ -103,16 +104,28 @@ class BaseMethod(pl.LightningModule):
         """Annealing factor p of the bound loss, from the epoch counter (so a resumed run continues it)."""
         return bound_annealing(self.current_epoch, float(self.cfg.gating.bound_alpha))
 
-    def gate_terms(self, active: Tensor) -> dict[str, Tensor]:
-        """Budget loss (Eq. 3) + bound loss on a batch's active channels [N, blocks]; 'loss' is their sum."""
+    def gate_terms(self, *gated: BackboneOutput) -> dict[str, Tensor]:
+        """Budget loss (Eq. 3) + bound loss of one or more gated passes (their samples pooled into one batch).
+
+        Takes the gated passes' `BackboneOutput`s, not their active channels: the budget loss reads the FLOPs
+        ratio from the masks' sums, the bound loss the masks' L1 norms (`gating.bound_gradient`,
+        `bound_channel_counts`). Returns flops_ratio, budget_loss, bound_loss (if enabled) and gate_loss, their sum.
+        """
+        if not gated or any(not isinstance(o, BackboneOutput) or o.masks is None for o in gated):
+            raise TypeError(
+                "gate_terms takes the BackboneOutput of gated passes, e.g. self.gate_terms(self.encode(x, "
+                "Branch.GATED)), not their active_channels()"
+            )
         g = self.cfg.gating
+        active = torch.cat([o.active_channels() for o in gated])
         ratio = self.cost.flops_ratio(active)
-        density = self.cost.channel_density(active)
         terms = {"flops_ratio": ratio, "budget_loss": budget_loss(ratio, self.budget, float(g.budget_weight))}
         loss = terms["budget_loss"]
         if g.bound_loss:
+            gradient = str(g.get("bound_gradient", "open"))  # configs older than the key: the official default
+            counts = torch.cat([bound_channel_counts(o.masks, gradient) for o in gated])
             terms["bound_loss"] = bound_loss(
-                density, self.budget, self.bound_p, float(g.bound_weight), str(g.bound_target)
+                self.cost.channel_density(counts), self.budget, self.bound_p, float(g.bound_weight), str(g.bound_target)
             )
             loss = loss + terms["bound_loss"]
         terms["gate_loss"] = loss

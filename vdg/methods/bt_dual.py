@@ -43,7 +43,7 @@ class BTDual(BaseMethod):
             scale=float(m.scale),
         )
         barlow = terms.pop("loss")
-        gate = self.gate_terms(gated.active_channels())
+        gate = self.gate_terms(gated)
         loss = barlow + gate["gate_loss"]
         return StepOutput(
             loss,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from vdg.methods.base import StepOutput
 from vdg.methods.vicreg import VICReg
-from vdg.models import Branch, mlp_projector
+from vdg.models import BackboneOutput, Branch, mlp_projector
 
 
 class VDG(VICReg):
@@ -35,23 +34,23 @@ class VDG(VICReg):
                 self.backbone.feature_dim, int(m.projector_hidden_dim), int(m.projector_output_dim)
             )
 
-    def pair(
-        self, gated_view: Tensor, dense_view: Tensor
-    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+    def pair(self, gated_view: Tensor, dense_view: Tensor) -> tuple[dict[str, Tensor], BackboneOutput, Tensor]:
+        """VICReg terms of gated(gated_view) vs dense(dense_view), the gated pass and the dense features."""
         gated = self.encode(gated_view, Branch.GATED)
         dense = self.encode(dense_view, Branch.DENSE)
         terms = self.vicreg(self.projector(gated.features), self.dense_projector(dense.features))
-        return terms, gated.active_channels(), gated.features, dense.features
+        return terms, gated, dense.features
 
     def ssl_step(self, views: list[Tensor], targets: Tensor) -> StepOutput:
-        terms, active, f_gated, f_dense = self.pair(views[0], views[1])
+        terms, gated, f_dense = self.pair(views[0], views[1])
+        gated_passes = [gated]
         if self.cfg.method.symmetric:
-            terms2, active2, _, _ = self.pair(views[1], views[0])
+            terms2, gated2, _ = self.pair(views[1], views[0])
             terms = {k: (v + terms2[k]) / 2 for k, v in terms.items()}
-            active = torch.cat([active, active2])
-        gate = self.gate_terms(active)
+            gated_passes.append(gated2)
+        gate = self.gate_terms(*gated_passes)
         vicreg = terms.pop("loss")
         loss = vicreg + gate["gate_loss"]
         return StepOutput(
-            loss, {"vicreg_loss": vicreg, **terms, **gate}, {Branch.GATED: f_gated, Branch.DENSE: f_dense}
+            loss, {"vicreg_loss": vicreg, **terms, **gate}, {Branch.GATED: gated.features, Branch.DENSE: f_dense}
         )

@@ -24,8 +24,6 @@ class TwoEncoders(nn.Module):
         super().__init__()
         if gated.branches != (Branch.GATED,) or dense.branches != (Branch.DENSE,):
             raise ValueError("TwoEncoders needs a gated-only and a dense-only GatedResNet")
-        # A list, not a dict keyed "gated"/"dense": lars_param_groups drops weight decay from every parameter
-        # whose name contains "gate", which would then be the whole gated encoder.
         self.encoders = nn.ModuleList([gated, dense])
         self.branches = (Branch.DENSE, Branch.GATED)
         self.feature_dim = gated.feature_dim

@@ -31,7 +31,7 @@ class VICRegGating(VICReg):
         out1 = self.encode(views[1], Branch.GATED)
         terms = self.vicreg(self.projector(out0.features), self.projector(out1.features))
         vicreg = terms.pop("loss")
-        gate0, gate1 = self.gate_terms(out0.active_channels()), self.gate_terms(out1.active_channels())
+        gate0, gate1 = self.gate_terms(out0), self.gate_terms(out1)
         gate = {k: v + gate1[k] for k, v in gate0.items()}
         gate["flops_ratio"] = gate["flops_ratio"] / 2  # a ratio: logged as the two views' mean, not their sum
         loss = vicreg + gate["gate_loss"]

@@ -15,6 +15,8 @@ def logistic_straight_through(logits: Tensor, temperature: float) -> Tensor:
     Forward value: the hard mask 1[logits + n >= 0] with n ~ Logistic(0, 1), i.e. Bernoulli(sigmoid(logits)).
     Backward: the gradient of the relaxed sample sigmoid((logits + n) / temperature). The temperature
     therefore only scales the surrogate gradient; it cannot change which channels are sampled.
+    The noise has the dtype of `logits`: pass float32 logits (`ChannelGate` does). In bfloat16, u takes a few
+    hundred values, n about 1.7k values capped at +-5.5, and P(open) is biased by about -0.002.
     """
     u = torch.rand_like(logits)
     noise = torch.log(u + 1e-8) - torch.log(1.0 - u + 1e-8)
@@ -28,7 +30,9 @@ class ChannelGate(nn.Module):
 
     GAP(x) -> 1x1 conv (C_in -> C_in / reduction, no bias) -> BN -> ReLU -> 1x1 conv (-> C_out).
     The bottleneck divides the *input* channels, as the official code does. In training the mask is sampled
-    with `logistic_straight_through`; in eval it is the deterministic 1[logit >= 0].
+    with `logistic_straight_through`; in eval it is the deterministic 1[logit >= 0]. The gating network, the
+    sampler and the mask are float32 whatever the autocast (bf16 would bias the samples and round the channel
+    counts c_i above 256 to even); the gate is a few thousand MACs per sample, so this costs nothing measurable.
 
     Args:
         in_channels: C_{l-1}, channels of the block input the gate reads.
@@ -38,7 +42,7 @@ class ChannelGate(nn.Module):
         bias_init: None = the last conv has no bias (official VDG, gates start ~50% open);
             a float adds a bias initialised to it (DGNet uses 2.0, ~88% open).
 
-    Shapes: x [N, C_in, H, W] -> mask [N, C_out] with values in {0, 1}.
+    Shapes: x [N, C_in, H, W] (any float dtype) -> mask [N, C_out] float32 with values in {0, 1}.
     """
 
     def __init__(
@@ -60,14 +64,18 @@ class ChannelGate(nn.Module):
             nn.init.constant_(self.expand.bias, bias_init)
 
     def logits(self, x: Tensor) -> Tensor:
-        z = x.mean(dim=(2, 3), keepdim=True)
-        return self.expand(torch.relu(self.bn(self.reduce(z)))).flatten(1)
+        """Gate logits [N, C_out] in float32 whatever the autocast (in the weights' dtype if those are not)."""
+        with torch.autocast(x.device.type, enabled=False):
+            # dtype= accumulates in float32 without a float32 copy of x
+            z = x.mean(dim=(2, 3), keepdim=True, dtype=torch.float32).to(self.reduce.weight.dtype)
+            return self.expand(torch.relu(self.bn(self.reduce(z)))).flatten(1).float()
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.logits(x)
         if self.training:
-            return logistic_straight_through(logits, self.temperature)
-        return (logits >= 0).to(logits.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return logistic_straight_through(logits, self.temperature)
+        return (logits >= 0).float()
 
     @property
     def macs(self) -> int:

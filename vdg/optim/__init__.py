@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from vdg.models.gates import ChannelGate
 from vdg.optim.lars import LARS
 from vdg.optim.schedule import INTERVALS, SCHEDULERS, warmup_cosine
 
@@ -35,22 +36,25 @@ def lars_param_groups(
     modules: Iterable[tuple[str, nn.Module]],
     weight_decay: float,
     exclude_bias_n_norm: bool = True,
-    no_decay_keywords: tuple[str, ...] = ("gate",),
+    no_decay_modules: tuple[type[nn.Module], ...] = (ChannelGate,),
 ) -> list[dict]:
     """Split parameters the way the official code treats them (reference §1.9).
 
-    - tensors with ndim > 1: LARS + `weight_decay`, except names containing a `no_decay_keywords` entry
-      (the gating networks: LARS but no weight decay);
-    - 1-D tensors (biases, BN scales and shifts) with `exclude_bias_n_norm`: neither LARS nor weight decay.
+    - 1-D tensors (biases, BN scales and shifts) with `exclude_bias_n_norm`: neither LARS nor weight decay;
+    - parameters of a `no_decay_modules` instance (the gating networks, `ChannelGate`): LARS, no weight decay;
+    - everything else: LARS + `weight_decay`.
+    Gates are recognised by their module type, not by name: a name test ("gate" in the name) also caught the
+    gated branch's BatchNorms (`norms.gated.*`), 32 tensors that lost their decay with exclude_bias_n_norm=false.
     """
     decay, no_decay, excluded = [], [], []
-    for prefix, module in modules:
-        for name, param in module.named_parameters(prefix=prefix):
+    for _name, module in modules:  # (name, module) pairs as from named_children(); names are not needed
+        gate_params = {id(p) for m in module.modules() if isinstance(m, no_decay_modules) for p in m.parameters()}
+        for param in module.parameters():
             if not param.requires_grad:
                 continue
             if exclude_bias_n_norm and param.ndim <= 1:
                 excluded.append(param)
-            elif any(k in name for k in no_decay_keywords):
+            elif id(param) in gate_params:
                 no_decay.append(param)
             else:
                 decay.append(param)
