@@ -10,13 +10,17 @@ Options (every other argument is a Hydra override of configs/pretrain.yaml):
     fit_epochs=0: also time this many epochs of a full Lightning `Trainer.fit` (after one untimed epoch), to
         show the loop's overhead (logging, callbacks, validation) over the bare step.
     profile=false: true records a torch.profiler table of the top ops of the first cell's step.
-    peak_tflops=null: the device's peak dense bf16 TFLOP/s for MFU; null looks the GPU up in PEAK_BF16_TFLOPS.
+    peak_tflops=null: the device's peak dense TFLOP/s at the run's precision, for MFU; null looks the GPU up in
+        PEAK_TFLOPS (bf16/fp16 tensor cores for mixed precision, TF32 for 32-true: cuDNN convolutions use TF32).
     results=benchmarks/results.md: the markdown file rows are appended to (created with a header); none: skip.
 
 A step is the real one: `training_step` (autocast as the Trainer would) + backward + LARS step + zero_grad, on
 batches from `PretrainDataModule` (cpu: DataLoader workers and a pinned copy to the device; gpu: device slices
-augmented on the device), with the device synchronised before each clock read. Not timed: Lightning's loop
-(see fit_epochs). s/epoch = the measured time per step x steps per epoch of the chosen dataset and batch.
+augmented on the device), with the device synchronised before each clock read, and cuDNN autotuning set as the
+Trainer sets it (trainer.benchmark). Not timed: Lightning's loop (see fit_epochs, which reuses the cell's data
+module: one device copy of the split). s/epoch = the measured time per step x steps per epoch of the chosen
+dataset and batch. Each cell starts from a fresh dynamo cache (torch._dynamo.reset()), so compiled cells never
+hit the recompile limit of an earlier cell and silently run eagerly.
 
 Model FLOPs per pair = 2 FLOPs/MAC x 3 (forward + backward ~ 2 forwards) x the forward MACs of the step's
 backbone passes, from `vdg.models.network_cost` (convolutions only; gates, projector and probes not counted):
@@ -66,9 +70,18 @@ OPTIONS = {
     "peak_tflops": "null",
     "results": "benchmarks/results.md",
 }
-# Peak dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched in this order against
-# torch.cuda.get_device_name(); pass peak_tflops= for anything else.
-PEAK_BF16_TFLOPS = {"H100 NVL": 835.0, "H100 PCIe": 756.0, "H200": 989.0, "H100": 989.0, "A100": 312.0}
+# Peak dense (no sparsity) tensor-core TFLOP/s from NVIDIA's data sheets (half of the "with sparsity" figures),
+# per precision kind: "bf16" (bf16-mixed, 16-mixed: fp16 has the same peak) and "tf32" (32-true: cuDNN runs fp32
+# convolutions on TF32 tensor cores by default). Matched in this order against torch.cuda.get_device_name();
+# pass peak_tflops= for anything else.
+PEAK_TFLOPS = {
+    "H100 NVL": {"bf16": 835.0, "tf32": 417.5},
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0},
+    "H200 NVL": {"bf16": 835.0, "tf32": 417.5},
+    "H200": {"bf16": 989.0, "tf32": 494.5},
+    "H100": {"bf16": 989.0, "tf32": 494.5},
+    "A100": {"bf16": 312.0, "tf32": 156.0},
+}
 RESULTS_HEADER = """# Training throughput (scripts/bench_throughput.py)
 
 One row per (method, data backend, compile) cell, appended by each run. Columns:
@@ -79,7 +92,8 @@ One row per (method, data backend, compile) cell, appended by each run. Columns:
 - s/epoch: time per step x steps per epoch of the dataset at this batch; fit s/epoch: a full Lightning
   `Trainer.fit` epoch (loop, logging, validation; blank unless fit_epochs > 0).
 - peak MiB: torch.cuda.max_memory_allocated during the timed steps (GPU), or the process's peak RSS (CPU).
-- MFU / HFU: model / hardware FLOP/s over the device's peak dense bf16 FLOP/s (blank when unknown). Model
+- MFU / HFU: model / hardware FLOP/s over the device's peak dense FLOP/s at the run's precision (bf16 tensor
+  cores for mixed precision, TF32 for 32-bit; blank when unknown). Model
   FLOPs = 2 x 3 x forward MACs per pair (convolutions, `vdg.models.network_cost`) with the gated passes at their
   realised MACs (F_R); HFU counts the gated passes dense, as they execute. TFLOP/s: achieved model TFLOP/s.
 
@@ -121,13 +135,19 @@ def device_name(device: torch.device) -> str:
     return f"{cpu} ({torch.get_num_threads()} torch threads)"
 
 
-def peak_tflops(device: torch.device, override: str) -> float | None:
+def precision_kind(precision: str) -> str:
+    """Which tensor-core peak a Trainer precision runs at: "bf16" (bf16 and fp16 mixed) or "tf32" (32-bit)."""
+    return "tf32" if str(precision) in ("32-true", "32") else "bf16"
+
+
+def peak_tflops(device: torch.device, override: str, precision: str = "bf16-mixed") -> float | None:
     if override.lower() not in ("null", "none", ""):
         return float(override)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+    peaks = next((peaks for key, peaks in PEAK_TFLOPS.items() if key in name), None)
+    return None if peaks is None else peaks[precision_kind(precision)]
 
 
 def autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -141,12 +161,12 @@ def autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContex
 
 
 def prepare_model(cfg: DictConfig, device: torch.device) -> tuple[BaseMethod, torch.optim.Optimizer]:
-    """The method as the Trainer sets it up: on the device, configure_model (compile), on_fit_start
-    (channels_last), train mode, and its LARS optimizer. The schedule is left out (scheduler.name=constant): it
-    needs a Trainer and does not change the speed."""
-    model = build_method(OmegaConf.merge(cfg, {"scheduler": {"name": "constant"}})).to(device)
+    """The method as the Trainer sets it up: configure_model (channels_last, compile), on the device, train mode,
+    and its LARS optimizer. The schedule is left out (scheduler.name=constant): it needs a Trainer and does not
+    change the speed."""
+    model = build_method(OmegaConf.merge(cfg, {"scheduler": {"name": "constant"}}))
     model.configure_model()
-    model.on_fit_start()
+    model.to(device)
     model.train()
     return model, model.configure_optimizers()
 
@@ -216,10 +236,12 @@ class EpochWall(pl.Callback):
         self._stamp(pl_module)
 
 
-def fit_timing(cfg: DictConfig, epochs: int) -> dict[str, float]:
-    """Mean s/epoch of `epochs` Lightning epochs after an untimed first one (compilation, worker start-up)."""
+def fit_timing(cfg: DictConfig, epochs: int, module: PretrainDataModule) -> dict[str, float]:
+    """Mean s/epoch of `epochs` Lightning epochs after an untimed first one (compilation, worker start-up).
+
+    `module` is the cell's data module, already set up: a new one would hold a second device copy of the split.
+    """
     wall, timer = EpochWall(), EpochTimer()
-    module = PretrainDataModule(cfg)
     kwargs = {**trainer_kwargs(cfg), "max_epochs": epochs + 1, "enable_progress_bar": False}
     trainer = pl.Trainer(**kwargs, callbacks=[wall, timer], logger=False, enable_checkpointing=False)
     trainer.fit(build_method(cfg), datamodule=module)
@@ -233,6 +255,8 @@ def fit_timing(cfg: DictConfig, epochs: int) -> dict[str, float]:
 def bench(cfg: DictConfig, options: dict[str, str], profile: bool) -> dict[str, Any]:
     """One cell: time `steps` training steps after `warmup`; optionally profile and time a Lightning fit."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch._dynamo.reset()  # a fresh compile cache and recompile budget per cell
+    torch.backends.cudnn.benchmark = bool(trainer_kwargs(cfg)["benchmark"])
     module = PretrainDataModule(cfg, device=device)
     module.setup("fit")
     model, optimizer = prepare_model(cfg, device)
@@ -271,7 +295,8 @@ def bench(cfg: DictConfig, options: dict[str, str], profile: bool) -> dict[str, 
     model_flops = 2 * 3 * (passes[Branch.DENSE] * dense + passes[Branch.GATED] * gated)
     hardware_flops = 2 * 3 * (passes[Branch.DENSE] + passes[Branch.GATED]) * dense
     pairs_per_s = steps * batch / seconds
-    peak = peak_tflops(device, options["peak_tflops"])
+    precision = trainer_kwargs(cfg)["precision"]
+    peak = peak_tflops(device, options["peak_tflops"], precision)
     row: dict[str, Any] = {
         "method": cfg.method.name,
         "backend": module.backend,
@@ -279,7 +304,7 @@ def bench(cfg: DictConfig, options: dict[str, str], profile: bool) -> dict[str, 
         "dataset": cfg.dataset.name,
         "width": int(cfg.backbone.width),
         "batch_size": batch,
-        "precision": trainer_kwargs(cfg)["precision"],
+        "precision": precision,
         "device": device_name(device),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
@@ -303,7 +328,8 @@ def bench(cfg: DictConfig, options: dict[str, str], profile: bool) -> dict[str, 
         row["profile"] = profile_steps(model, optimizer, stream, amp, device, min(steps, 10))
     fit_epochs = int(options["fit_epochs"])
     if fit_epochs > 0:
-        row.update(fit_timing(cfg, fit_epochs))
+        del stream  # the step loop's batches; the data module itself is reused
+        row.update(fit_timing(cfg, fit_epochs, module))
     return row
 
 

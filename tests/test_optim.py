@@ -177,3 +177,48 @@ def test_weight_decay_goes_to_everything_but_the_gating_networks_under_both_sett
     assert gated_bns <= plain["decay"] and "bias_and_norm" not in plain
     assert {"backbone.conv1.weight", "projector.0.bias", "projector.1.weight"} <= plain["decay"]
 
+
+# ----- LARS on CUDA: fused foreach kernels ----------------------------------------------------------------------
+def test_lars_trust_ratios_are_applied_as_same_shaped_tensors(monkeypatch):
+    """CUDA fuses `_foreach_mul` over a list only when both operand lists hold tensors of equal shapes and strides;
+    0-d per-tensor factors sent it down the slow path, one kernel per parameter."""
+    shapes = []
+    real = {name: getattr(torch, name) for name in ("_foreach_mul", "_foreach_mul_")}
+
+    def spy(name):  # noqa: ANN001, ANN202
+        def call(tensors, others):  # noqa: ANN001, ANN202
+            if isinstance(others, list | tuple):
+                shapes.extend((t.shape, t.stride(), o.shape, o.stride()) for t, o in zip(tensors, others, strict=True))
+            return real[name](tensors, others)
+
+        return call
+
+    for name in real:
+        monkeypatch.setattr(torch, name, spy(name))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    params = [conv.weight, nn.Parameter(torch.randn(5, 7)), nn.Parameter(torch.randn(4))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for wd in (0.0, 1e-2):
+        shapes.clear()
+        before = [p.detach().clone() for p in params]
+        LARS([{"params": params, "weight_decay": wd, "lars": True}], lr=0.5, weight_decay=wd).step()
+        assert len(shapes) == len(params)
+        assert all(t_shape == o_shape and t_stride == o_stride for t_shape, t_stride, o_shape, o_stride in shapes)
+        assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts the kernels of a LARS step")
+def test_lars_step_launches_a_few_kernels_not_a_few_per_parameter():
+    params = [nn.Parameter(torch.randn(64, 64, 3, 3, device="cuda")) for _ in range(60)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = LARS([{"params": params, "weight_decay": 1e-4, "lars": True}], lr=0.5, weight_decay=1e-4)
+    opt.step()  # creates the momentum buffers
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) < len(params), [e.name for e in kernels]

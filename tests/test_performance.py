@@ -237,8 +237,9 @@ def test_inductor_compile_trains_a_step(tiny_cfg):
 def test_cuda_training_step_never_synchronises(method, tiny_cfg):
     """The real thing on a GPU: forward (bf16 autocast), backward and LARS step under sync debug mode 'error'."""
     cfg = tiny_cfg(f"method={method}", "scheduler.name=constant")
-    model = build_method(cfg).cuda()
-    model.on_fit_start()
+    model = build_method(cfg)
+    model.configure_model()  # channels_last, as the Trainer would
+    model.cuda()
     optimizer = model.configure_optimizers()
     views = [torch.randn(16, 3, 32, 32, device="cuda") for _ in range(2)]
     batch = (views, torch.randint(0, 10, (16,), device="cuda"))
@@ -263,7 +264,19 @@ def load_bench():  # noqa: ANN201 - the script as a module
     return module
 
 
-def test_bench_throughput_reports_rows_and_appends_results(tmp_path, capsys):
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list:
+    """Wrap owner.name so that each call is recorded; returns the list of recorded calls."""
+    calls, real = [], getattr(owner, name)
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_bench_throughput_reports_rows_and_appends_results(tmp_path, capsys, monkeypatch):
     bench = load_bench()
     results = tmp_path / "results.md"
     tiny = [*TINY, f"results={results}", "steps=2", "warmup=1"]
@@ -279,16 +292,51 @@ def test_bench_throughput_reports_rows_and_appends_results(tmp_path, capsys):
     assert vicreg["model_gflop_per_pair"] == pytest.approx(2 * 3 * 2 * dense / 1e9, rel=1e-3)
     gated = 2 * 3 * (1 + vdg_row["flops_ratio"]) * dense / 1e9
     assert 0 < vdg_row["flops_ratio"] < 1 and vdg_row["model_gflop_per_pair"] == pytest.approx(gated, rel=1e-3)
-    assert vicreg["mfu"] is None and vicreg["pairs_per_s"] > 0 and vicreg["peak_memory_mib"] > 0
+    # MFU needs the device's peak: known for the data-sheet GPUs (H100, H200, A100...), unknown on a CPU
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert (vicreg["mfu"] is None) == (bench.peak_tflops(device, "null", vicreg["precision"]) is None)
+    assert vicreg["pairs_per_s"] > 0 and vicreg["peak_memory_mib"] > 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert printed == rows
     text = results.read_text()
     assert text.startswith("# Training throughput") and text.count("\n| 20") == 2
 
+    modules = count_calls(monkeypatch, bench, "PretrainDataModule")
     rows = bench.main([*tiny, "methods=[vdg]", "backends=[cpu]", "compile=[false]", "peak_tflops=0.5",
                        "fit_epochs=1", "profile=true"])  # fmt: skip
+    assert len(modules) == 1  # the Lightning epochs reuse the cell's data module: one device copy of the split
     (row,) = rows
     assert row["mfu"] == pytest.approx(row["model_tflops_per_s"] / 0.5, rel=1e-3) and row["hfu"] > row["mfu"]
     assert row["fit_s_per_epoch"] > 0 and row["fit_train_s_per_epoch"] > 0
     assert "Self CPU" in capsys.readouterr().out  # the profiler table
     assert results.read_text().count("\n| 20") == 3  # appended below the header, not rewritten
+
+
+def test_bench_throughput_cells_start_from_a_fresh_dynamo_cache_with_cudnn_autotuning(tmp_path, monkeypatch):
+    """Compiled cells share dynamo's cache and recompile budget unless reset: a later cell could silently run
+    eagerly. cuDNN autotuning follows the Trainer's setting (trainer.benchmark, on unless deterministic)."""
+    bench = load_bench()
+    compile_with(monkeypatch, "eager")
+    resets = count_calls(monkeypatch, torch._dynamo, "reset")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    tiny = [*TINY, "results=none", "steps=1", "warmup=1", "backends=[gpu]"]
+    bench.main([*tiny, "methods=[vicreg,vdg]", "compile=[true]"])
+    assert len(resets) == 2  # one per cell
+    assert torch.backends.cudnn.benchmark is True
+    bench.main([*tiny, "methods=[vdg]", "compile=[false]", "trainer.deterministic=true"])
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_mfu_peak_follows_the_precision(monkeypatch):
+    """MFU over the bf16 peak at 32-bit precision understated it by 2x: 32-true runs on TF32 tensor cores."""
+    bench = load_bench()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    assert bench.peak_tflops(cuda, "null", "bf16-mixed") == 989.0
+    assert bench.peak_tflops(cuda, "null", "16-mixed") == 989.0
+    assert bench.peak_tflops(cuda, "null", "32-true") == 494.5
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200 NVL")
+    assert bench.peak_tflops(cuda, "null", "bf16-mixed") == 835.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert bench.peak_tflops(cuda, "null", "bf16-mixed") is None
+    assert bench.peak_tflops(cuda, "123", "32-true") == 123.0  # peak_tflops= overrides

@@ -16,9 +16,14 @@ BACKENDS = ("cpu", "gpu", "auto")
 
 
 def free_device_memory(device: torch.device) -> int:
-    """Free bytes on `device`: CUDA's free memory, else the host's available memory (unknown: no limit)."""
+    """Free bytes on `device`, else the host's available memory (unknown: no limit).
+
+    On CUDA: the driver's free memory plus what PyTorch's caching allocator holds without using it (reserved
+    minus allocated), which the driver counts as used although this process can reuse it at once.
+    """
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # sysconf names are POSIX extensions (absent on macOS)

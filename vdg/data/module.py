@@ -16,6 +16,7 @@ from vdg.data.gpu_augment import GPUMultiViewAugment
 from vdg.data.gpu_module import DeviceBatchLoader, resolve_backend
 from vdg.data.recipes import ViewRecipe
 from vdg.data.transforms import MultiView, eval_transform, view_transform
+from vdg.losses.distributed import gather_objects
 
 
 class TransformedDataset(Dataset):
@@ -59,11 +60,13 @@ def per_device_batch_size(cfg: Any, world: int | None = None) -> int:
 class PretrainDataModule(pl.LightningDataModule):
     """Two augmented views per pretraining image (view 0 -> gated branch, view 1 -> dense), test split for val.
 
-    data.backend picks where augmentation runs (`gpu_module.resolve_backend`):
+    data.backend picks where augmentation runs (`gpu_module.resolve_backend`, one answer for all processes):
     - cpu: torchvision v2 pipelines in DataLoader workers, pinned memory, shuffled, drop_last.
     - gpu: the uint8 train split lives on the training device; `DeviceBatchLoader` slices a per-epoch random
       permutation and `on_after_batch_transfer` augments each training batch there with `GPUMultiViewAugment`
-      (same recipes). Validation batches always come from the CPU loader and pass through untouched.
+      (same recipes), drawing from the device's default generator (each process has its own stream:
+      `vdg.run.callbacks.RNGState`). Validation batches always come from the CPU loader, untouched. The device
+      copy is released when fit ends (`teardown`).
     `device` overrides the training device when there is no Trainer (benchmarks, tests).
     """
 
@@ -102,12 +105,10 @@ class PretrainDataModule(pl.LightningDataModule):
             # RandomResizedCrop crops from; auto keeps the official full-resolution CPU pipeline for them
             # (data.backend=gpu still forces the fast path).
             backend = "cpu"
-        self.backend = resolve_backend(
-            backend, _uint8_bytes(raw, size), device, float(data.get("gpu_memory_fraction", 0.5))
-        )
+        self.backend = self._agreed_backend(backend, _uint8_bytes(raw, size), device)
         if self.backend == "gpu":
             if isinstance(raw, ImageFolderDataset):
-                raw = decode_folder(raw, size, data.get("cache_dir"), int(data.num_workers))
+                raw = self._decode_once(raw, size)
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             self.train_batches = DeviceBatchLoader(
                 raw.images.to(device), raw.labels.to(device), self.batch_size, int(self.cfg.seed), rank, world
@@ -120,6 +121,43 @@ class PretrainDataModule(pl.LightningDataModule):
         if ds.get("has_labels", True):
             val_t = eval_transform(size, list(ds.eval_mean), list(ds.eval_std), ds.get("eval_resize"))
             self.val_set = TransformedDataset(build_dataset(ds, data, "test"), val_t)
+
+    def _agreed_backend(self, backend: str, nbytes: int, device: torch.device) -> str:
+        """`resolve_backend` in every process, then one answer for all: gpu only if every process chose it.
+
+        Each process sees its own GPU's free memory, and ranks with different pipelines would train on
+        differently augmented data. data.backend=gpu that does not fit on one GPU fails on every process (a
+        failure on one alone would leave the others waiting in the next collective).
+        """
+        fraction = float(self.cfg.data.get("gpu_memory_fraction", 0.5))
+        try:
+            local: str | MemoryError = resolve_backend(backend, nbytes, device, fraction)
+        except MemoryError as err:
+            local = err
+        choices = gather_objects(local)
+        for rank, choice in enumerate(choices):
+            if isinstance(choice, MemoryError):
+                raise MemoryError(f"process {rank}: {choice}") if len(choices) > 1 else choice
+        return "gpu" if all(choice == "gpu" for choice in choices) else "cpu"
+
+    def _decode_once(self, raw: ImageFolderDataset, size: int) -> TensorImageDataset:
+        """`decode_folder` in the first process of each node, then the others read its cache (not N decodes)."""
+        data = self.cfg.data
+
+        def decode() -> TensorImageDataset:
+            return decode_folder(raw, size, data.get("cache_dir"), int(data.num_workers))
+
+        if self.trainer is None or self.trainer.world_size == 1:
+            return decode()
+        first = self.trainer.local_rank == 0
+        decoded = decode() if first else None
+        self.trainer.strategy.barrier("vdg.decode_folder")  # the others wait for the cache file
+        return decoded if first else decode()
+
+    def teardown(self, stage: str) -> None:
+        """After fit: let go of the device copy of the split and the augmenter (setup reloads them if needed)."""
+        if stage == "fit":
+            self.backend = self.train_set = self.train_batches = self.gpu_augment = None
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = int(self.cfg.data.num_workers)

@@ -240,7 +240,9 @@ class Evaluation:
             # the probe sees test features inside train_linear_on_images; the gate report needs them once more
             test = self.features("test", branch) if branch is Branch.GATED else None
             for seed in seeds:
-                torch.manual_seed(seed)  # the augmentations draw from the global RNG (forked in run_evaluation)
+                # the augmentations draw from the global CPU RNG (forked in run_evaluation); torch.manual_seed
+                # would also reseed every GPU, which fork_rng(devices=[]) does not give back
+                torch.default_generator.manual_seed(seed)
                 results.append(
                     train_linear_on_images(
                         self.model.backbone,

@@ -1,9 +1,12 @@
-"""Process-group helpers for losses that need the global batch (`method.gather_across_processes`).
+"""Process-group helpers: the differentiable gather for losses that need the global batch
+(`method.gather_across_processes`), and a gather of Python objects for processes that must agree on a value.
 
 Only collectives live here; when no process group is initialised (one process) every helper is the identity.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -13,6 +16,19 @@ from torch import Tensor
 def world_size() -> int:
     """Processes in the default group; 1 when torch.distributed is unavailable or not initialised."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every process, in rank order ([obj] with one process). A collective: every process must call it.
+
+    For small picklable values (RNG states, a backend choice), never for tensors in a training step: it copies
+    through the host.
+    """
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class _GatherRows(torch.autograd.Function):

@@ -11,11 +11,27 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from vdg.losses import bound_annealing, bound_channel_counts, bound_loss, budget_loss
 from vdg.models import BackboneOutput, Branch, GatedResNet, network_cost
 from vdg.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, lars_param_groups, warmup_cosine
+
+SYNC_BATCHNORM_SCOPES = ("backbone", "all", "none")
+SYNC_BATCHNORM_DEVICES = ("cuda", "xpu", "hpu")  # where torch's SyncBatchNorm synchronises (it refuses CPUs)
+
+
+def sync_batchnorm_scope(value: Any) -> str:
+    """`trainer.sync_batchnorm` as one of SYNC_BATCHNORM_SCOPES; true and false keep Lightning's meaning."""
+    if value is True or value is False or value is None:
+        return "all" if value else "none"
+    if value not in SYNC_BATCHNORM_SCOPES:
+        raise ValueError(
+            f"unknown trainer.sync_batchnorm {value!r}; allowed values: {list(SYNC_BATCHNORM_SCOPES)} "
+            "(true = all, false = none)"
+        )
+    return value
 
 
 @dataclass
@@ -181,24 +197,64 @@ class BaseMethod(pl.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=targets.shape[0], sync_dist=True)
 
     def configure_model(self) -> None:
-        """trainer.compile: torch.compile the forward of the encoder and heads (not the probes, too small to gain).
+        """Prepare the model for the Trainer's processes, before DDP wraps it and builds its gradient buckets.
 
-        `nn.Module.compile` compiles in place, so state-dict keys (checkpoints) stay those of the eager model.
-        The branch is an Enum constant, so dynamo builds one graph per branch (and one per train/eval mode);
-        dynamic=False keeps the training graphs static when validation's last, smaller batch adds its own.
-        Lightning calls this hook once per trainer entry point; the flag keeps it to one compilation.
+        1. Synchronised BatchNorm across processes (`trainer.sync_batchnorm`, `sync_batchnorm_modules`).
+        2. channels_last (`trainer.channels_last`): NHWC is faster for convolutions on GPUs (tensor cores) and
+           CPUs (oneDNN), ~3x for narrow nets. Converted here, not at fit start: DDP lays its gradient buckets out
+           like the parameters when it wraps the model, and a later conversion costs every conv gradient a
+           layout copy per step ("Grad strides do not match bucket view strides").
+        3. torch.compile (`trainer.compile`) of the encoder and heads (not the probes, too small to gain).
+           `nn.Module.compile` compiles in place, so state-dict keys (checkpoints) stay those of the eager model.
+           The branch is an Enum constant, so dynamo builds one graph per branch (and one per train/eval mode);
+           dynamic=False keeps the training graphs static when validation's last, smaller batch adds its own.
+        Lightning calls this hook once per trainer entry point; each step is applied once.
         """
+        synced = self._synchronise_batchnorm()
+        if self.cfg.trainer.get("channels_last", False):
+            self.to(memory_format=torch.channels_last)
         if not self.cfg.trainer.get("compile", False) or self._compiled:
             return
+        if synced:
+            rank_zero_warn(
+                f"trainer.compile=true with {synced} SyncBatchNorm layers (trainer.sync_batchnorm="
+                f"{self.cfg.trainer.sync_batchnorm}): dynamo breaks the graph at each one and upstream reports "
+                "failures for this combination; set trainer.sync_batchnorm=none or trainer.compile=false"
+            )
         for name, module in self.named_children():
             if name != "probes":
                 module.compile(dynamic=False)
         self._compiled = True
 
-    def on_fit_start(self) -> None:
-        # NHWC is faster for convolutions on GPUs (tensor cores) and on CPUs (oneDNN): ~3x for narrow nets
-        if self.cfg.trainer.get("channels_last", False):
-            self.to(memory_format=torch.channels_last)
+    def sync_batchnorm_modules(self, scope: str) -> list[nn.Module]:
+        """The modules whose BatchNorms are synchronised across processes with `trainer.sync_batchnorm=scope`.
+
+        backbone (default): the encoder's, gates included, so they see the global batch as the official code's
+        backbone BNs do (512 images over 2 GPUs). all: the heads' too (the projector's BatchNorm1d), which is
+        Lightning's sync_batchnorm=true, the official code's setting. Per-process projector statistics match the
+        VICReg statistics, which are per process unless method.gather_across_processes=true. none: nothing.
+        """
+        if scope == "backbone":
+            return [self.backbone]
+        if scope == "all":
+            return [m for name, m in self.named_children() if name != "probes"]
+        return []
+
+    def _synchronise_batchnorm(self) -> int:
+        """Convert the BatchNorms of `sync_batchnorm_modules` to SyncBatchNorm when the Trainer runs several
+        processes on devices torch synchronises (not CPUs); returns how many layers are synchronised."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size < 2:
+            return 0
+        if trainer.strategy.root_device.type not in SYNC_BATCHNORM_DEVICES:
+            return 0
+        scope = sync_batchnorm_scope(self.cfg.trainer.get("sync_batchnorm", "backbone"))
+        for module in self.sync_batchnorm_modules(scope):
+            for parent in list(module.modules()):  # in place; the new layers keep the same Parameter objects
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                        setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        return sum(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
 
     def configure_optimizers(self) -> Any:
         o, s = self.cfg.optimizer, self.cfg.scheduler

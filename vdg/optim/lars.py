@@ -6,6 +6,7 @@ An optimizer only; which parameters get LARS or weight decay is decided by the p
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -77,11 +78,10 @@ class LARS(Optimizer):
             trust = torch.clamp(trust / lr, max=1.0) if lr > 0 else torch.ones_like(trust)
         scale = torch.where(w_norm > 0, trust, torch.ones_like(trust))
         scale = torch.where(g_norm > 0, scale, torch.zeros_like(trust))
-        factors = list(scale.unbind())  # 0-d device tensors: per-tensor factors without a host read
         if not wd:
-            return torch._foreach_mul(grads, factors)
+            return torch._foreach_mul(grads, _per_tensor(scale, grads))
         scaled = torch._foreach_add(grads, params, alpha=wd)
-        torch._foreach_mul_(scaled, factors)
+        torch._foreach_mul_(scaled, _per_tensor(scale, scaled))
         return scaled
 
     def _momentum_update(self, params: list[Tensor], grads: list[Tensor], momentum: float, lr: float) -> None:
@@ -102,3 +102,23 @@ class LARS(Optimizer):
             for i, buf in zip(new, torch._foreach_mul([grads[i] for i in new], 1.0), strict=True):
                 self.state[params[i]]["momentum_buffer"] = bufs[i] = buf
         torch._foreach_add_(params, bufs, alpha=-lr)
+
+
+def _per_tensor(scale: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """scale[i] filled into a tensor of like[i]'s shape and strides, for every i, without reading scale on the host.
+
+    CUDA's `_foreach_mul` runs one fused kernel only when both lists hold tensors of equal shapes and strides; a
+    list of 0-d factors sends it down the slow path, one kernel per tensor. One repeat_interleave writes all the
+    factors into a flat buffer (one kernel, ~4 bytes per parameter) whose slices are viewed with like[i]'s layout.
+    """
+    numels = tuple(t.numel() for t in like)
+    flat = scale.repeat_interleave(_counts(numels, scale.device), output_size=sum(numels))
+    return [part.as_strided(t.shape, t.stride()) for part, t in zip(flat.split(numels), like, strict=True)]
+
+
+@lru_cache(maxsize=32)
+def _counts(numels: tuple[int, ...], device: torch.device) -> Tensor:
+    """The repeat counts on the device, built once per parameter list (an upload every step would be a blocking
+    host-to-device copy on CUDA). Made outside inference mode; callers must not modify it in place."""
+    with torch.inference_mode(False):
+        return torch.tensor(numels, device=device)
