@@ -164,6 +164,7 @@ def _lightning_ddp_worker(rank: int, port: int, root: str, out_dir: str) -> None
         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "+trainer.num_sanity_val_steps=0",
     ]  # fmt: skip
     cfg = compose_config([*overrides, "data.backend=gpu"])
+    pl.seed_everything(int(cfg.seed), workers=True)  # as the pretraining driver: every rank seeded alike
     datamodule, probe = PretrainDataModule(cfg), TrainStartProbe()
     common = {"logger": False, "enable_checkpointing": False, "default_root_dir": str(Path(out_dir) / "run")}
     trainer = pl.Trainer(**trainer_kwargs(cfg), callbacks=[RNGState(), probe], **common)
