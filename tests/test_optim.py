@@ -211,7 +211,7 @@ def test_lars_trust_ratios_are_applied_as_same_shaped_tensors(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts the kernels of a LARS step")
 def test_lars_step_launches_a_few_kernels_not_a_few_per_parameter():
-    params = [nn.Parameter(torch.randn(64, 64, 3, 3, device="cuda")) for _ in range(60)]
+    params = [nn.Parameter(torch.randn(32, 32, 3, 3, device="cuda")) for _ in range(200)]
     for p in params:
         p.grad = torch.randn_like(p)
     opt = LARS([{"params": params, "weight_decay": 1e-4, "lars": True}], lr=0.5, weight_decay=1e-4)
@@ -221,4 +221,5 @@ def test_lars_step_launches_a_few_kernels_not_a_few_per_parameter():
         opt.step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len(kernels) < len(params), [e.name for e in kernels]
+    # fused foreach kernels take up to a few dozen tensors per launch: ~50 kernels here, > 200 per-tensor ones
+    assert len(kernels) < len(params) // 2, [e.name for e in kernels]
