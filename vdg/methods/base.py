@@ -218,8 +218,9 @@ class BaseMethod(pl.LightningModule):
         if synced:
             rank_zero_warn(
                 f"trainer.compile=true with {synced} SyncBatchNorm layers (trainer.sync_batchnorm="
-                f"{self.cfg.trainer.sync_batchnorm}): dynamo breaks the graph at each one and upstream reports "
-                "failures for this combination; set trainer.sync_batchnorm=none or trainer.compile=false"
+                f"{self.cfg.trainer.get('sync_batchnorm', 'backbone')}): dynamo breaks the graph at each one and "
+                "upstream reports failures for this combination; set trainer.sync_batchnorm=none or "
+                "trainer.compile=false"
             )
         for name, module in self.named_children():
             if name != "probes":
