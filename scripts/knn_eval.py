@@ -3,8 +3,9 @@
     python scripts/knn_eval.py ckpt=runs/.../checkpoints/last.ckpt [branch=gated] [k=20] [distance=cosine]
         [normalize=true]
 
-Options: configs/knn_eval.yaml and configs/eval/knn.yaml. Prints and writes one JSON record per branch to
-<checkpoint dir>/results/. A thin wrapper over `vdg.eval.protocols.run_evaluation`.
+Options: configs/knn_eval.yaml and configs/eval/knn.yaml. Writes one JSON record per branch to
+<checkpoint dir>/results/ and prints a summary: one line per network (top-1, FLOPs), or the records with
+json=true. A thin wrapper over `vdg.eval.protocols.evaluate`.
 """
 
 import json
@@ -13,18 +14,21 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vdg.eval.protocols import run_evaluation
+from vdg.eval.protocols import evaluate
+from vdg.eval.summary import summary_lines
 from vdg.run.cli import USER_ERRORS
 
 
 @hydra.main(config_path="../configs", config_name="knn_eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        records = run_evaluation(cfg)
+        result = evaluate(cfg)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")
-    for record in records:
-        print(json.dumps(record, indent=2))
+    if cfg.json:  # the records, one JSON list, for scripts and jq
+        print(json.dumps(result.records, indent=2))
+    else:
+        print("\n".join(summary_lines(result.records, result.paths)))
 
 
 if __name__ == "__main__":

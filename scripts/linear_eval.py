@@ -3,8 +3,10 @@
     python scripts/linear_eval.py ckpt=runs/.../checkpoints/last.ckpt [branch=gated] [runs=5] [augment=false]
     python scripts/linear_eval.py ckpt=PATH eval=transfer target=cifar10
 
-Options: configs/linear_eval.yaml and configs/eval/{linear,transfer}.yaml. Prints and writes one JSON record
-per branch to <checkpoint dir>/results/. A thin wrapper over `vdg.eval.protocols.run_evaluation`.
+Options: configs/linear_eval.yaml and configs/eval/{linear,transfer}.yaml. Writes one JSON record per branch to
+<checkpoint dir>/results/ and prints a summary: one line per network (top-1 mean ± std over runs, FLOPs), or the
+records with json=true. Progress (per epoch, with the time left) goes to stderr. A thin wrapper over
+`vdg.eval.protocols.evaluate`.
 """
 
 import json
@@ -13,18 +15,21 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vdg.eval.protocols import run_evaluation
+from vdg.eval.protocols import evaluate
+from vdg.eval.summary import summary_lines
 from vdg.run.cli import USER_ERRORS
 
 
 @hydra.main(config_path="../configs", config_name="linear_eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        records = run_evaluation(cfg)
+        result = evaluate(cfg)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")
-    for record in records:
-        print(json.dumps(record, indent=2))
+    if cfg.json:  # the records, one JSON list, for scripts and jq
+        print(json.dumps(result.records, indent=2))
+    else:
+        print("\n".join(summary_lines(result.records, result.paths)))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python scripts/umap_plot.py ckpt=runs/.../checkpoints/last.ckpt [max_samples=2000] [output=umap.png]
 
-Options: configs/umap.yaml. Writes <checkpoint dir>/results/umap-<dataset>.png and prints a JSON summary.
+Options: configs/umap.yaml. Writes <checkpoint dir>/results/umap-<dataset>.png and prints where, or a JSON summary
+with json=true.
 A thin wrapper over `vdg.report.umap.umap_plot`.
 """
 
@@ -12,6 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from vdg.eval.summary import display_path
 from vdg.report.umap import umap_plot
 from vdg.run.cli import USER_ERRORS
 
@@ -22,7 +24,13 @@ def main(cfg: DictConfig) -> None:
         summary = umap_plot(cfg)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")
-    print(json.dumps(summary, indent=2))
+    if cfg.json:  # the summary as one JSON object, for scripts
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"UMAP (n_neighbors {summary['n_neighbors']}) of {summary['num_samples']} {summary['dataset']} test "
+            f"images, {' and '.join(summary['branches'])} side by side: {display_path(summary['plot'])}"
+        )
 
 
 if __name__ == "__main__":

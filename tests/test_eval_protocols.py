@@ -100,6 +100,30 @@ def test_linear_augmented_path_is_seeded_and_leaves_global_rng_alone(ckpts, tmp_
     (again,) = evaluate_checkpoint(ckpts["vdg"], "linear", results_dir=str(tmp_path), **options)
     assert first["runs"] == again["runs"] and first["eval_config"]["augment"] is True
     assert (tmp_path / "linear-synthetic-gated.json").is_file()
+    assert first["augment_backend"] == "batched" and first["share_views"] is True
+
+
+@pytest.mark.parametrize("backend", ["batched", "workers"])
+def test_runs_share_views_or_draw_their_own(ckpts, tmp_path, backend):
+    """Run r always owns its head init and batch order (seed + r). With share_views the runs read one stream of
+    views (seeded with `seed`); without, run r reads its own (seed + r). Run 0 is the same either way."""
+    options = {"epochs": 2, "runs": 2, "batch_size": 16, "augment": True, "augment_backend": backend}
+    shared = evaluate_checkpoint(ckpts["vdg"], "linear", results_dir=str(tmp_path / "a"), **options)
+    own = evaluate_checkpoint(ckpts["vdg"], "linear", results_dir=str(tmp_path / "b"), share_views=False, **options)
+    for a, b in zip(shared, own, strict=True):
+        assert a["augment_backend"] == b["augment_backend"] == backend
+        assert a["share_views"] is True and b["share_views"] is False
+        assert a["runs"][0] == b["runs"][0] and a["final_train_loss"][0] == pytest.approx(b["final_train_loss"][0])
+        assert a["final_train_loss"][1] != pytest.approx(b["final_train_loss"][1])
+        assert "2 runs (own head init and batch order; each epoch's views shared by the runs)" in a["description"]
+        assert "each run its own views" in b["description"]
+
+
+def test_augmented_records_state_the_protocol(ckpts, tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown augment_backend 'gpu'; allowed values: \['auto', 'batched'"):
+        evaluate_checkpoint(ckpts["vdg"], "linear", augment_backend="gpu")
+    with pytest.raises(ConfigError, match="share_views='yes' must be true or false"):
+        evaluate_checkpoint(ckpts["vdg"], "linear", share_views="yes")
 
 
 # ----- k-NN --------------------------------------------------------------------------------------------------
@@ -204,11 +228,16 @@ def run_script_here(name: str, *overrides: str) -> None:
 
 def test_umap_script_plots_both_branches(ckpts, tmp_path, capsys):
     # in this process: numba compiles umap-learn on first use (~10-20 s), a subprocess would add its imports
-    run_script_here("umap_plot.py", f"ckpt={ckpts['vdg']}", "max_samples=40", f"output={tmp_path / 'u.png'}")
+    args = [f"ckpt={ckpts['vdg']}", "max_samples=40", f"output={tmp_path / 'u.png'}"]
+    run_script_here("umap_plot.py", *args, "json=true")
     summary = json.loads(capsys.readouterr().out)
     assert summary["branches"] == ["dense", "gated"]
     assert (summary["num_samples"], summary["n_neighbors"]) == (32, 31)  # the tiny test split has 32 images
     assert (tmp_path / "u.png").read_bytes()[:8] == PNG
+    run_script_here("umap_plot.py", *args)  # for people: one line
+    assert capsys.readouterr().out == (
+        f"UMAP (n_neighbors 31) of 32 synthetic test images, dense and gated side by side: {tmp_path / 'u.png'}\n"
+    )
 
 
 def test_exact_knn_puts_each_row_first_and_matches_brute_force():
@@ -346,18 +375,34 @@ def linear_script(ckpts, tmp_path_factory) -> Iterator[tuple[subprocess.Popen, P
 
 
 def test_linear_eval_script(linear_script):
+    """It prints a short summary (one line per network) and per-epoch progress with the time left."""
     process, out = linear_script
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
-    record = json.loads(stdout)
+    record = json.loads((out / "linear-synthetic-gated.json").read_text())
     assert (record["protocol"], record["branch"], record["eval_config"]["augment"]) == ("linear", "gated", True)
-    assert json.loads((out / "linear-synthetic-gated.json").read_text()) == record
+    lines = stdout.splitlines()
+    assert lines[0].startswith("linear evaluation of ") and lines[0].endswith("(vdg, t_d = 0.3) on synthetic:")
+    assert lines[1] == f"  gated  top-1 {record['value']:.2f}%  FLOPs {100 * (1 - record['flops_reduction']):.1f}% " \
+        f"of dense (reduction {100 * record['flops_reduction']:.1f}%)"
+    assert lines[2] == f"protocol: {record['description']}" and "1 run " in lines[2]
+    assert lines[3].startswith("records: ") and "json=true" in lines[3] and len(lines) == 4
+    assert "linear [gated] epoch 1/1 (lr 0.3) | gated loss " in stderr and "| ETA 0:00:00" in stderr
 
 
 def test_knn_eval_script(ckpts, tmp_path, capsys):
     run_script_here("knn_eval.py", f"ckpt={ckpts['vicreg']}", "k=20", f"results_dir={tmp_path}")
-    assert json.loads(capsys.readouterr().out)["k"] == 20
-    assert (tmp_path / "knn-k20-euclidean-distance-synthetic-dense.json").is_file()
+    summary = capsys.readouterr().out.splitlines()
+    record = json.loads((tmp_path / "knn-k20-euclidean-distance-synthetic-dense.json").read_text())
+    assert summary[1] == f"  dense  top-1 {record['value']:.2f}%  FLOPs 100% of dense" and len(summary) == 4
+    assert record["description"] == (
+        "20-NN, euclidean distance on raw frozen 32-d backbone features (eval mode), votes weighted 1/(d + 1e-5); "
+        "bank: the 64 unaugmented synthetic train images, queries: the 32 test images"
+    )
+    run_script_here("knn_eval.py", f"ckpt={ckpts['vicreg']}", "k=20", f"results_dir={tmp_path}", "json=true")
+    (printed,) = json.loads(capsys.readouterr().out)
+    assert printed["eval_config"]["json"] is True and printed["config_hash"] == record["config_hash"]  # display only
+    assert {**printed, "eval_config": None} == {**record, "eval_config": None}
 
 
 def test_scripts_report_bad_input_in_one_line(tmp_path):

@@ -149,8 +149,10 @@ def hflip(images: Tensor, mask: Tensor) -> Tensor:
     return torch.where(_per_image(mask), images.flip(-1), images)
 
 
-def resized_crop(images: Tensor, boxes: Tensor, size: int) -> Tensor:
+def resized_crop(images: Tensor, boxes: Tensor, size: int, mode: str = "bicubic") -> Tensor:
     """Crop boxes [N, 4] = (top, left, height, width) in pixels and resize each to size x size, bicubic.
+
+    mode="bilinear" resizes bilinearly instead (the linear-evaluation crop of the official code).
 
     Output pixel centres map onto the box as in torchvision's crop-then-resize (align_corners=False), so an
     up-sampling crop matches it except that (a) grid_sample's cubic uses a=-0.75 where PIL and torchvision's
@@ -168,7 +170,7 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int) -> Tensor:
         dim=1,
     )
     grid = F.affine_grid(theta, [n, channels, size, size], align_corners=False)
-    out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    out = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
     return out.clamp(0, 1)
 
 

@@ -7,6 +7,7 @@ branches and the options; the maths is `vdg.eval.{features,knn,linear}`. The bac
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from vdg.data.datasets import build_dataset
-from vdg.data.module import TransformedDataset, eval_loader
-from vdg.data.transforms import linear_train_transform
-from vdg.eval.features import Features, extract_features, gate_report
+from vdg.data.module import eval_loader
+from vdg.eval.features import Features, channels_last, eval_mode, extract_branches, extract_features, gate_report
 from vdg.eval.knn import DISTANCES, WEIGHTINGS, knn_accuracy
-from vdg.eval.linear import LinearProtocol, train_linear_on_features, train_linear_on_images
+from vdg.eval.linear import LinearProtocol, train_linear_on_features, train_linear_runs
 from vdg.eval.results import accuracy_fields, base_record, result_filename, results_dir, write_json
+from vdg.eval.summary import EpochProgress, describe_knn, describe_linear
+from vdg.eval.views import (
+    AUGMENT_BACKENDS,
+    BatchedViews,
+    EpochFeatures,
+    WorkerViews,
+    batched_views_of,
+    choose_backend,
+)
 from vdg.models import Branch, GatedResNet, network_cost
 from vdg.run.checkpoint import CheckpointError, load_method, require_branch
 from vdg.run.config import ConfigError
@@ -74,6 +83,12 @@ def check_eval_config(cfg: DictConfig) -> None:
         linear_protocol(cfg, seed=0)  # validates init, epochs, milestones
         if not isinstance(cfg.runs, int) or cfg.runs < 1:
             raise ConfigError(f"runs={cfg.runs!r} must be an integer >= 1")
+        _choice(cfg, "augment_backend", AUGMENT_BACKENDS)
+        for key in ("augment", "share_views"):
+            if not isinstance(cfg.get(key), bool):
+                raise ConfigError(f"{key}={cfg.get(key)!r} must be true or false")
+    if not isinstance(cfg.get("json", False), bool):
+        raise ConfigError(f"json={cfg.json!r} must be true or false")
 
 
 def linear_protocol(cfg: DictConfig, seed: int) -> LinearProtocol:
@@ -171,6 +186,18 @@ def flops_fields(model: Any, branch: Branch, test: Features | None) -> dict[str,
     }
 
 
+@dataclass
+class AugmentedViews:
+    """What `Evaluation.augmented_views` prepares: the image source, labels [N] on the device, per-run seeds and
+    the view stream each run reads, and the backend chosen ("batched" | "workers")."""
+
+    views: BatchedViews | WorkerViews
+    labels: torch.Tensor
+    seeds: list[int]
+    streams: list[int]
+    backend: str
+
+
 class Evaluation:
     """One checkpoint, one protocol: the loaded model, its data and where the records go."""
 
@@ -186,6 +213,7 @@ class Evaluation:
         self.device = resolve_device(str(cfg.device))
         self.model.to(self.device)
         self.out_dir = results_dir(cfg.ckpt, cfg.get("results_dir"))
+        self.written: list[Path] = []
 
     def loader(self, split: str) -> DataLoader:
         """Unaugmented split with the evaluation transform (both k-NN banks, cached linear features, test)."""
@@ -193,80 +221,169 @@ class Evaluation:
             OmegaConf.create({"dataset": self.dataset, "data": self.data}), split, int(self.cfg.batch_size)
         )
 
-    def augmented_loader(self, raw_train: Any, seed: int) -> DataLoader:
-        ds = self.dataset
-        transform = linear_train_transform(int(ds.image_size), list(ds.eval_mean), list(ds.eval_std))
-        return DataLoader(
-            TransformedDataset(raw_train, transform),
-            batch_size=int(self.cfg.batch_size),
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            num_workers=int(self.data.num_workers),
-            pin_memory=bool(self.data.pin_memory),
-        )
-
     def features(self, split: str, branch: Branch) -> Features:
         return extract_features(self.model.backbone, self.loader(split), branch, self.device)
 
-    # ----- protocols -----------------------------------------------------------------------------------
-    def knn(self, branch: Branch) -> tuple[dict[str, Any], Features]:
-        c = self.cfg
-        train, test = self.features("train", branch), self.features("test", branch)
-        top1 = knn_accuracy(
-            train.features.to(self.device),
-            train.labels,
-            test.features,
-            test.labels,
-            k=int(c.k),
-            distance=str(c.distance),
-            weighting=str(c.weighting),
-            temperature=float(c.temperature),
-            normalize=bool(c.normalize),
-        )
-        options = {"k": int(c.k), "distance": str(c.distance), "weighting": str(c.weighting)}
-        fields = {**accuracy_fields([top1], []), **options, "normalize": bool(c.normalize)}
-        return {**fields, "num_train": len(train), "num_test": len(test)}, test
+    def all_features(self, split: str) -> dict[Branch, Features]:
+        """Every evaluated branch's features of a split, from one pass over it (each batch feeds all branches)."""
+        return extract_branches(self.model.backbone, self.loader(split), self.branches, self.device)
 
-    def linear(self, branch: Branch) -> tuple[dict[str, Any], Features | None]:
-        """`runs` linear probes with seeds seed, seed + 1, ...; without augmentation on features computed once."""
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.backbone.feature_dim)
+
+    # ----- protocols -----------------------------------------------------------------------------------
+    def knn(self) -> dict[Branch, tuple[dict[str, Any], Features]]:
         c = self.cfg
-        num_classes = int(self.dataset.num_classes)
-        seeds = [int(c.seed) + r for r in range(int(c.runs))]
-        results = []
-        if c.augment:
-            raw_train = build_dataset(self.dataset, self.data, "train")
-            test_loader = self.loader("test")
-            num_train, num_test = len(raw_train), len(test_loader.dataset)
-            # the probe sees test features inside train_linear_on_images; the gate report needs them once more
-            test = self.features("test", branch) if branch is Branch.GATED else None
-            for seed in seeds:
-                # the augmentations draw from the global CPU RNG (forked in run_evaluation); torch.manual_seed
-                # would also reseed every GPU, which fork_rng(devices=[]) does not give back
-                torch.default_generator.manual_seed(seed)
-                results.append(
-                    train_linear_on_images(
-                        self.model.backbone,
-                        branch,
-                        self.augmented_loader(raw_train, seed),
-                        test_loader,
-                        linear_protocol(c, seed),
-                        num_classes,
-                        self.device,
-                    )
-                )
-                log.info("%s %s seed %d: top1 %.2f", c.protocol, branch.value, seed, results[-1]["top1"])
-        else:
-            train, test = self.features("train", branch), self.features("test", branch)
-            num_train, num_test = len(train), len(test)
-            for seed in seeds:
-                results.append(
-                    train_linear_on_features(train, test, linear_protocol(c, seed), num_classes, self.device)
-                )
-                log.info("%s %s seed %d: top1 %.2f", c.protocol, branch.value, seed, results[-1]["top1"])
+        train, test = self.all_features("train"), self.all_features("test")
+        options = {"k": int(c.k), "distance": str(c.distance), "weighting": str(c.weighting)}
+        description = describe_knn(
+            dataset=str(self.dataset.name),
+            num_train=len(next(iter(train.values()))),
+            num_test=len(next(iter(test.values()))),
+            feature_dim=self.feature_dim,
+            normalize=bool(c.normalize),
+            temperature=float(c.temperature),
+            **options,
+        )
+        out = {}
+        for branch in self.branches:
+            top1 = knn_accuracy(
+                train[branch].features.to(self.device),
+                train[branch].labels,
+                test[branch].features,
+                test[branch].labels,
+                temperature=float(c.temperature),
+                normalize=bool(c.normalize),
+                **options,
+            )
+            fields = {**accuracy_fields([top1], []), **options, "normalize": bool(c.normalize)}
+            fields.update(num_train=len(train[branch]), num_test=len(test[branch]), description=description)
+            out[branch] = (fields, test[branch])
+        return out
+
+    def describe_linear(self, num_train: int, num_test: int, augment: bool) -> str:
+        c = self.cfg
+        transfer = c.protocol == "transfer"
+        return describe_linear(
+            dataset=str(self.dataset.name),
+            num_train=num_train,
+            num_test=num_test,
+            feature_dim=self.feature_dim,
+            epochs=int(c.epochs),
+            lr=float(c.lr),
+            momentum=float(c.momentum),
+            weight_decay=float(c.weight_decay),
+            milestones=[int(m) for m in c.milestones],
+            gamma=float(c.gamma),
+            batch_size=int(c.batch_size),
+            init=str(c.init),
+            runs=int(c.runs),
+            augment=augment,
+            share_views=bool(c.share_views),
+            pretrain_dataset=str(self.pretrain_cfg.dataset.name) if transfer else None,
+        )
+
+    def linear_fields(self, results: list[dict], seeds: list[int], num_train: int, num_test: int) -> dict[str, Any]:
         fields = accuracy_fields([r["top1"] for r in results], seeds)
         fields["top5"] = sum(r["top5"] for r in results) / len(results)
         fields["final_train_loss"] = [r["history"][-1]["loss"] for r in results]
-        return {**fields, "num_train": num_train, "num_test": num_test}, test
+        fields["augment"] = bool(self.cfg.augment)
+        return {**fields, "num_train": num_train, "num_test": num_test}
+
+    def linear_cached(self) -> dict[Branch, tuple[dict[str, Any], Features]]:
+        """augment=false: `runs` probes with seeds seed, seed + 1, ... on unaugmented features computed once."""
+        c = self.cfg
+        num_classes = int(self.dataset.num_classes)
+        seeds = [int(c.seed) + r for r in range(int(c.runs))]
+        train, test = self.all_features("train"), self.all_features("test")
+        out = {}
+        for branch in self.branches:
+            results = []
+            for seed in seeds:
+                protocol = linear_protocol(c, seed)
+                result = train_linear_on_features(train[branch], test[branch], protocol, num_classes, self.device)
+                results.append(result)
+                log.info("%s %s seed %d: top1 %.2f", c.protocol, branch.value, seed, results[-1]["top1"])
+            fields = self.linear_fields(results, seeds, len(train[branch]), len(test[branch]))
+            fields["description"] = self.describe_linear(len(train[branch]), len(test[branch]), augment=False)
+            out[branch] = (fields, test[branch])
+        return out
+
+    def augmented_views(self) -> AugmentedViews:
+        """The train views of the augmented protocol: its seeds, view streams, labels and image source.
+
+        Runs r = 0..runs-1 use seed + r. With share_views every run reads stream 0 (seeded with `seed`);
+        without, run r reads its own stream r (seeded with seed + r).
+        """
+        c = self.cfg
+        ds, device = self.dataset, self.device
+        seeds = [int(c.seed) + r for r in range(int(c.runs))]
+        streams = [0] * len(seeds) if c.share_views else list(range(len(seeds)))
+        stream_seeds = seeds[:1] if c.share_views else seeds
+        raw_train = build_dataset(ds, self.data, "train")
+        try:
+            backend = choose_backend(
+                str(c.augment_backend), raw_train, device, float(self.data.get("gpu_memory_fraction", 0.5))
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        augment = {
+            "size": int(ds.image_size),
+            "mean": list(ds.eval_mean),
+            "std": list(ds.eval_std),
+            "batch_size": int(c.batch_size),
+            "seeds": stream_seeds,
+        }
+        if backend == "batched":
+            views = batched_views_of(raw_train, device, **augment)
+        else:
+            workers = {"num_workers": int(self.data.num_workers), "pin_memory": bool(self.data.pin_memory)}
+            views = WorkerViews(raw_train, device=device, **augment, **workers)
+        labels = torch.as_tensor(raw_train.labels).long().to(device)  # both dataset kinds hold their labels
+        return AugmentedViews(views, labels, seeds, streams, backend)
+
+    def linear_augmented(self) -> dict[Branch, tuple[dict[str, Any], Features]]:
+        """The paper's protocol: fresh RandomResizedCrop + flip views every epoch, all runs and branches at once.
+
+        One augmented batch feeds every branch, and one backbone pass per epoch serves all `runs` runs (their
+        heads are one batched matmul); share_views=false gives each run its own views (runs x the passes).
+        Each run keeps its own head initialisation and mini-batch order (seed + r). docs/evaluation.md says
+        what the spread over runs does and does not contain.
+        """
+        c = self.cfg
+        backbone, device = self.model.backbone, self.device
+        train = self.augmented_views()
+        with eval_mode(backbone), channels_last(backbone):
+            test = extract_branches(backbone, self.loader("test"), self.branches, device, torch.channels_last)
+            log.info(
+                "%s: %d epochs x %d train images (%s augmentation on %s), %d runs, %s",
+                c.protocol, int(c.epochs), len(train.labels), train.backend, device.type, len(train.seeds),
+                "views shared by the runs" if c.share_views else "views per run",
+            )
+            features = EpochFeatures(
+                backbone, self.branches, train.views, max(train.streams) + 1, device, torch.channels_last
+            )
+            results = train_linear_runs(
+                features, train.labels, test, linear_protocol(c, train.seeds[0]), train.seeds,
+                int(self.dataset.num_classes), train.streams,
+                on_epoch=EpochProgress(f"{c.protocol} [{', '.join(b.value for b in self.branches)}]"),
+            )
+        out = {}
+        for branch in self.branches:
+            r = results[branch]
+            per_run = [
+                {"top1": r["top1"][i], "top5": r["top5"][i], "history": r["history"][i]}
+                for i in range(len(train.seeds))
+            ]
+            fields = self.linear_fields(per_run, train.seeds, len(train.labels), len(test[branch]))
+            fields.update(
+                augment_backend=train.backend,
+                share_views=bool(c.share_views),
+                description=self.describe_linear(len(train.labels), len(test[branch]), augment=True),
+            )
+            out[branch] = (fields, test[branch])
+        return out
 
     # ----- records -------------------------------------------------------------------------------------
     def filename(self, branch: Branch) -> str:
@@ -285,10 +402,16 @@ class Evaluation:
         )
 
     def run(self) -> list[dict[str, Any]]:
+        if self.cfg.protocol == "knn":
+            per_branch = self.knn()
+        elif self.cfg.augment:
+            per_branch = self.linear_augmented()
+        else:
+            per_branch = self.linear_cached()
         records = []
         eval_cfg = OmegaConf.to_container(self.cfg, resolve=True)
         for branch in self.branches:
-            fields, test = (self.knn if self.cfg.protocol == "knn" else self.linear)(branch)
+            fields, test = per_branch[branch]
             record = base_record(
                 str(self.cfg.protocol), self.pretrain_cfg, str(self.dataset.name), branch.value, self.cfg.ckpt, eval_cfg
             )
@@ -297,15 +420,32 @@ class Evaluation:
             record["image_size"] = int(self.dataset.image_size)
             record["eval_config"] = eval_cfg
             path = write_json(record, self.out_dir / self.filename(branch))
-            log.info("wrote %s", path)
+            log.debug("wrote %s", path)
+            self.written.append(path)
             records.append(record)
         return records
 
 
-def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Evaluate `cfg.ckpt` with `cfg.protocol` on every selected branch; write and return one record each.
+@dataclass
+class EvaluationResult:
+    """The records of one evaluation (one per branch) and the files they were written to."""
 
-    The caller's global RNG is left as it was: building the model and iterating data loaders draw from it.
+    records: list[dict[str, Any]]
+    paths: list[Path]
+
+
+def evaluate(cfg: DictConfig) -> EvaluationResult:
+    """Evaluate `cfg.ckpt` with `cfg.protocol` on every selected branch; write one record each.
+
+    The caller's CPU RNG is left as it was (building the model and iterating data loaders draw from it); the
+    GPU RNGs are never drawn from (the views have their own generators).
     """
     with torch.random.fork_rng(devices=[]):
-        return Evaluation(cfg).run()
+        evaluation = Evaluation(cfg)
+        records = evaluation.run()
+    return EvaluationResult(records, evaluation.written)
+
+
+def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
+    """`evaluate(cfg).records`: the records written, one per evaluated branch."""
+    return evaluate(cfg).records

@@ -19,8 +19,12 @@ A record is one JSON object per file in `<checkpoint dir>/results/` (one file pe
     teacher          distilled students (simreg, seed) only: the pretraining config's teacher block (path, format,
                      sha256, pretrain_dataset: the teacher's D_Pretrain, ...)
 
+    description      the protocol in words (linear or k-NN, augmentation, runs and what each run owns, k,
+                     distance, the number of train and test images)
+
 Also: image_size, num_train, num_test, eval_config (the whole eval config); linear/transfer: top5 (mean),
-final_train_loss (per run); gated branch: density_per_block (rho_b on the test split).
+final_train_loss (per run), augment, and with augment also augment_backend ("batched" | "workers") and
+share_views; gated branch: density_per_block (rho_b on the test split).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ LOCATION_KEYS = (
     "device",
     "resume",
     "dry_run",
+    "json",
     "evaluate",
     "data.root",
     "data.download",
