@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -40,6 +41,70 @@ def missing_teacher(cfg: DictConfig) -> bool:
     return distills and OmegaConf.select(cfg, "teacher.path", default=None) is None
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Each job's overrides of `-m <overrides>`, expanded as Hydra's basic sweeper does.
+
+    The sweep's `hydra.sweeper.params` come first, then the command line (whose values replace a parameter's
+    list); the jobs are the product of every key's values, in the sweeper's order.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    task = [o.input_line for o in parsed if not o.is_hydra_override()]
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and o.input_line in task]
+    fixed += [o.input_line for o in parsed if o.is_hydra_override() and o.key_or_group.startswith("hydra.sweeper.")]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=fixed, return_hydra_config=True)
+    params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.params or {}).items()]
+    (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides([*params, *task]), None)
+    return jobs
+
+
+def sweep_dry_run(argv: list[str]) -> bool:
+    """`-m ... dry_run=true`: print one line per job that would run, then a count; start nothing, write nothing.
+
+    Hydra's launcher would create an output folder per job (skipped ones included) and announce every
+    combination of the grid; this lists only the jobs that pass `sweep_skip`. Returns False, doing nothing,
+    when argv is not such a dry run (or carries other Hydra flags), so that Hydra handles it as usual.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    flags = {a for a in argv if a.startswith("-")}
+    if not flags or not flags <= set(MULTIRUN_FLAGS):
+        return False
+    overrides = [a for a in argv if not a.startswith("-")]
+    dry = [o for o in OverridesParser.create().parse_overrides(overrides) if o.key_or_group == "dry_run"]
+    if not dry or dry[-1].is_sweep_override() or dry[-1].value() is not True:
+        return False
+    jobs, skipped = sweep_jobs(overrides), 0
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for job in jobs:
+            cfg = compose(config_name="pretrain", overrides=job)
+            if skip_rule(cfg) is not None:
+                skipped += 1
+                continue
+            OmegaConf.to_container(cfg, resolve=True)  # a broken interpolation fails now, not hours into a job
+            shown = " ".join(shlex.quote(o) for o in job if o.split("=", 1)[0].lstrip("+~") != "dry_run")
+            print(f"job: {shown}  # run_dir: {cfg.run_dir}", flush=True)
+            if missing_teacher(cfg):
+                print(f"  note: {shown}: teacher.path is not set, so this job will stop at once (the teacher is a "
+                      "file you supply: see the sweep's config)", file=sys.stderr, flush=True)
+    print(
+        f"{len(jobs) - skipped} jobs ({len(jobs)} combinations, {skipped} skipped by sweep_skip); dry run: nothing "
+        "was started or written",
+        file=sys.stderr,
+    )
+    return True
+
+
 @hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     overrides = " ".join(shlex.quote(o) for o in job_overrides())
@@ -57,14 +122,19 @@ def main(cfg: DictConfig) -> None:
     # imported here: a dry run lists a sweep without loading torch
     from vdg.run.cli import USER_ERRORS
     from vdg.run.driver import describe_summary, pretrain
+    from vdg.run.logging import quiet_known_warnings
 
+    quiet_known_warnings()
     try:
         summary = pretrain(cfg)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")
-    print(json.dumps(summary, indent=2))
-    print(describe_summary(summary))
+    if cfg.get("json", False):  # the machine record (also in run_dir/summary.json)
+        print(json.dumps(summary, indent=2))
+    else:
+        print(describe_summary(summary))
 
 
 if __name__ == "__main__":
-    main()
+    if not sweep_dry_run(sys.argv[1:]):
+        main()

@@ -151,14 +151,19 @@ def test_weights_are_a_plain_backbone_state_dict(tmp_path):
     assert not any(k.startswith(("backbone", "projector", "probes")) for k in state)
 
 
-def test_export_refuses_to_overwrite_unless_asked(tmp_path):
+def test_export_refuses_to_overwrite_another_export_unless_asked(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.ckpt")
     first = export_backbone(ckpt, "dense", out_dir=tmp_path)
-    stamp = first["pt"].stat().st_mtime_ns
-    with pytest.raises(FileExistsError, match="overwrite=true"):
-        export_backbone(ckpt, "dense", out_dir=tmp_path)
-    assert first["pt"].stat().st_mtime_ns == stamp
-    export_backbone(ckpt, "dense", out_dir=tmp_path, overwrite=True)
+    stamps = {key: path.stat().st_mtime_ns for key, path in first.items()}
+    # the same export again (as after pretraining, which exports already) is a no-op, not an error
+    assert export_backbone(ckpt, "dense", out_dir=tmp_path) == first
+    # another checkpoint's weights under the same name are refused, and the files stay as they were
+    other = write_checkpoint(tmp_path / "other.ckpt")
+    with pytest.raises(FileExistsError, match="hold another export.*overwrite=true"):
+        export_backbone(other, "dense", out_dir=tmp_path)
+    assert {key: path.stat().st_mtime_ns for key, path in first.items()} == stamps
+    export_backbone(other, "dense", out_dir=tmp_path, overwrite=True)
+    assert json.loads(first["json"].read_text())["source"]["checkpoint"] == str(other.resolve())
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
@@ -244,7 +249,9 @@ def test_export_script_errors_are_one_line(trained_ckpt, overrides, message):
     assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
 
 
-def test_export_script_refuses_to_overwrite(trained_ckpt, tmp_path):
+def test_export_script_reruns_and_refuses_to_overwrite(trained_ckpt, tmp_path):
     run_export_script(f"ckpt={trained_ckpt}", "branch=dense", f"out_dir={tmp_path}")
+    run_export_script(f"ckpt={trained_ckpt}", "branch=dense", f"out_dir={tmp_path}")  # same export: succeeds
+    other = write_checkpoint(tmp_path / "other.ckpt")
     with pytest.raises(SystemExit, match="already exist.*overwrite=true"):
-        run_export_script(f"ckpt={trained_ckpt}", "branch=dense", f"out_dir={tmp_path}")
+        run_export_script(f"ckpt={other}", "branch=dense", f"out_dir={tmp_path}")

@@ -24,7 +24,7 @@ from vdg.run.logging import (
     build_loggers,
     wandb_run_id,
 )
-from vdg.run.progress import PlainProgress, progress_callbacks
+from vdg.run.progress import ModelOverview, PlainProgress, progress_callbacks
 
 from .conftest import compose_config
 
@@ -223,12 +223,12 @@ def test_tensorboard_events_go_to_the_run_dir(tmp_path):
 def test_progress_callbacks_follow_the_mode_and_the_terminal(monkeypatch, trainer, tty, kind, bar):
     monkeypatch.setattr("sys.stdout.isatty", lambda: tty)
     callbacks, enable_bar = progress_callbacks(trainer)
-    assert [type(c) for c in callbacks] == ([kind] if kind else [])
+    assert [type(c) for c in callbacks] == ([ModelOverview, kind] if kind else [])
     assert enable_bar is bar
 
 
 def test_progress_every_n_steps_is_read():
-    (callback,), _ = progress_callbacks({"progress": "plain", "progress_every_n_steps": 7})
+    (_, callback), _ = progress_callbacks({"progress": "plain", "progress_every_n_steps": 7})
     assert callback.every == 7
 
 

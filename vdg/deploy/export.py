@@ -114,6 +114,19 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def _same_export(paths: dict[str, Path], metadata: dict[str, Any], state: dict[str, Tensor]) -> bool:
+    """Whether the files at `paths` already hold exactly this export: the same JSON and the same weights."""
+    from safetensors.torch import load_file
+
+    try:
+        if json.loads(paths["json"].read_text()) != metadata:
+            return False
+        saved = load_file(str(paths["safetensors"]))
+    except (OSError, ValueError):  # unreadable or not JSON / not safetensors: not this export
+        return False
+    return saved.keys() == state.keys() and all(torch.equal(saved[k], state[k].cpu()) for k in state)
+
+
 def export_backbone(
     ckpt: str | Path,
     branch: str | Branch,
@@ -124,9 +137,11 @@ def export_backbone(
 ) -> dict[str, Path]:
     """Write one branch of a checkpoint's backbone as <name>.pt, <name>.safetensors and <name>.json.
 
-    out_dir: default <checkpoint dir>/export; name: default `export_name`. Existing files are refused unless
-    `overwrite`. Returns {"pt": ..., "safetensors": ..., "json": ...}. The JSON holds the architecture
-    (`GatedResNet.arch_config()`), the gate settings, t_d, the input normalisation and the source checkpoint.
+    out_dir: default <checkpoint dir>/export; name: default `export_name`. When the three files already hold
+    exactly this export (same weights, source checkpoint and settings, as pretraining leaves them), nothing is
+    rewritten; other existing files are refused unless `overwrite`. Returns {"pt": ..., "safetensors": ...,
+    "json": ...}. The JSON holds the architecture (`GatedResNet.arch_config()`), the gate settings, t_d, the
+    input normalisation and the source checkpoint.
     """
     from safetensors.torch import save_file
 
@@ -139,10 +154,6 @@ def export_backbone(
     stem = name or export_name(str(cfg.method.name), str(cfg.dataset.name), budget, branch)
     out = Path(out_dir) if out_dir is not None else Path(ckpt).resolve().parent / "export"
     paths = {"pt": out / f"{stem}.pt", "safetensors": out / f"{stem}.safetensors", "json": out / f"{stem}.json"}
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=true to replace them")
-
     gate = encoder.blocks[0].gate
     metadata = {
         "format": EXPORT_FORMAT,
@@ -173,6 +184,14 @@ def export_backbone(
         "files": {key: path.name for key, path in paths.items() if key != "json"},
     }
     state = {key: value.contiguous() for key, value in encoder.state_dict().items()}
+    existing = [p for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        if len(existing) == len(paths) and _same_export(paths, metadata, state):
+            return paths  # this very export is there already (e.g. written by pretraining): nothing to do
+        raise FileExistsError(
+            f"{', '.join(map(str, existing))} already exist(s) and hold another export (its weights, source "
+            "checkpoint or settings differ); pass overwrite=true to replace them, or out_dir=/name= to keep both"
+        )
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(paths["pt"], lambda tmp: torch.save(state, tmp))
     _atomic_write(paths["safetensors"], lambda tmp: save_file(state, tmp, {METADATA_KEY: json.dumps(metadata)}))

@@ -209,11 +209,17 @@ def training_summary(
     cfg: DictConfig, model: BaseMethod, trainer: pl.Trainer, timer: EpochTimer, ckpt_path: Path | None
 ) -> dict[str, Any]:
     """What the run achieved. Re-running a finished run (e.g. a sweep that only adds evaluations) trains
-    nothing, so its training figures are taken from the previous summary instead of being blanked."""
-    previous = Path(cfg.run_dir) / "summary.json"
+    nothing, so its training figures are taken from the previous summary instead of being blanked.
+
+    Every path in the summary (run_dir, checkpoint, resumed_from, and the exports and evaluation records the
+    driver adds) is absolute, so summary.json means the same from any working directory.
+    """
+    run_dir = Path(cfg.run_dir).resolve()
+    resumed_from = str(Path(ckpt_path).resolve()) if ckpt_path else None
+    previous = run_dir / "summary.json"
     if ckpt_path is not None and not timer.durations and previous.exists():
         kept = {k: v for k, v in json.loads(previous.read_text()).items() if k not in ("knn", "evaluations")}
-        return {**kept, "resumed_from": str(ckpt_path)}
+        return {**kept, "resumed_from": resumed_from}
     metrics = dict(trainer.callback_metrics.items())
     ratio = _metric(metrics, "val/flops_ratio")
     return {
@@ -222,21 +228,37 @@ def training_summary(
         "budget": float(cfg.budget),
         "seed": int(cfg.seed),
         "epochs": int(trainer.current_epoch),
-        "resumed_from": str(ckpt_path) if ckpt_path else None,
+        "steps": int(trainer.global_step),
+        "run_dir": str(run_dir),
+        "resumed_from": resumed_from,
         "mean_seconds_per_epoch": sum(timer.durations) / len(timer.durations) if timer.durations else None,
+        # online probes: a training monitor, fit on augmented views while the encoder changes (see describe_summary)
         "probe_acc": {b.value: _metric(metrics, f"val/acc_{b.value}") for b in model.branches},
         "flops_ratio_train": _metric(metrics, "train/flops_ratio"),
         "flops_ratio_val": ratio,
         "flops_reduction_val": None if ratio is None else 1 - ratio,
         "dense_macs": model.cost.dense_macs,
         "width": int(cfg.backbone.width),
-        "checkpoint": str(Path(cfg.run_dir) / "checkpoints" / "last.ckpt"),
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }
 
 
+# A probe this far below k-NN gets an explanation in the printed summary rather than standing unexplained.
+PROBE_GAP_EXPLAINED = 10.0  # points of top-1
+
+
+def _shown_path(path: str) -> str:
+    """`path` relative to the working directory when it lies inside it (what a user types), else as stored."""
+    try:
+        return str(Path(path).relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
 def describe_summary(summary: dict[str, Any]) -> str:
-    """A few human-readable lines about a finished run (printed after the JSON summary)."""
-    lines = [f"{summary['method']} on {summary['dataset']}: {summary['epochs']} epochs"]
+    """A few human-readable lines about a finished run: what ran, its accuracy and cost, and what to run next."""
+    steps = f" ({summary['steps']} steps)" if summary.get("steps") else ""
+    lines = [f"{summary['method']} on {summary['dataset']}: {summary['epochs']} epochs{steps}"]
     if summary.get("mean_seconds_per_epoch"):
         lines[0] += f", {summary['mean_seconds_per_epoch']:.1f} s/epoch"
     if summary.get("width") != 64:
@@ -244,9 +266,6 @@ def describe_summary(summary: dict[str, Any]) -> str:
             f"backbone width {summary['width']}: a narrow ResNet-18 ({(summary['width'] / 64) ** 2:.4g} of the "
             "paper's MACs) so that it trains on a CPU; the paper's network is backbone.width=64"
         )
-    probes = {k: v for k, v in (summary.get("probe_acc") or {}).items() if v is not None}
-    if probes:
-        lines.append("online linear probe top-1: " + ", ".join(f"{k} {v:.2f}%" for k, v in probes.items()))
     knn = summary.get("knn")
     if knn:
         accs = ", ".join(f"{b} {knn[b]:.2f}%" for b in ("dense", "gated") if b in knn)
@@ -256,4 +275,24 @@ def describe_summary(summary: dict[str, Any]) -> str:
                 f"gated network: {100 * knn['flops_ratio']:.1f}% of the dense MACs (FLOPs reduction "
                 f"{100 * knn['flops_reduction']:.1f}%, target t_d = {summary['budget']})"
             )
+    probes = {k: v for k, v in (summary.get("probe_acc") or {}).items() if v is not None}
+    if probes:
+        trained = f" over {summary['steps']} steps" if summary.get("steps") else ""
+        lines.append(
+            "online linear probes (a training monitor, fit on the augmented training views" + trained + "): "
+            + ", ".join(f"{k} {v:.2f}%" for k, v in probes.items())
+        )
+        if knn and any(knn.get(b, v) - v > PROBE_GAP_EXPLAINED for b, v in probes.items()):
+            lines.append(
+                "  they trail k-NN here: they learn while the encoder still changes, from heavily augmented views "
+                "(and sampled gates), and a short run gives them too few steps to catch up; long runs let them "
+                "track the offline accuracy. Report k-NN or scripts/linear_eval.py, not the probes."
+            )
+    if summary.get("evaluations"):
+        from vdg.eval.summary import record_line
+
+        lines += [f"{r['protocol']} on {r['dataset']}: {record_line(r)}" for r in summary["evaluations"]]
+    if summary.get("checkpoint"):
+        ckpt = _shown_path(summary["checkpoint"])
+        lines.append(f"checkpoint: {ckpt}; next: python scripts/linear_eval.py ckpt={ckpt}")
     return "\n".join(lines)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,12 @@ class ResumableCSVLogger(CSVLogger):
 
     @property
     def experiment(self):  # noqa: ANN201 - lightning's ExperimentWriter
-        writer = super().experiment
+        with warnings.catch_warnings():
+            # Lightning warns "previous log files in this directory will be deleted" whenever the folder is not
+            # empty, and the run directory never is (config.yaml, checkpoints). Its writer replaces one file,
+            # metrics.csv, whose earlier rows this class carries over below: nothing is lost.
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            writer = super().experiment
         if self._carry:
             writer.metrics[:0] = [{k: v for k, v in row.items() if v != ""} for row in self._carry]
             self._carry = []
@@ -132,3 +139,25 @@ def build_loggers(
     elif name == "tensorboard":
         loggers.append(tensorboard_logger(run_dir))
     return loggers
+
+
+class _DropLightningTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger/litmodels" lines: advertisements for cloud
+    services, printed on every run, that say nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_known_warnings() -> None:
+    """Silence the messages every run printed that are known to be harmless (each says why below).
+
+    Process-wide and idempotent: the scripts call it once before training.
+    """
+    # Lightning 2.6 builds torch's LeafSpec, which torch 2.14 deprecated in favour of TreeSpec.is_leaf(); the
+    # tree it builds is the same, so the FutureWarning (Lightning's to act on) changes nothing for a run.
+    leafspec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+    warnings.filterwarnings("ignore", message=leafspec, category=FutureWarning)
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLightningTips())

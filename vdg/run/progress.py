@@ -99,12 +99,47 @@ class PlainProgress(pl.Callback):
         self._print(line)
 
 
+class ModelOverview(pl.Callback):
+    """One line at the start of training: the method, its parameters per top-level module and the dense MACs.
+
+    It stands in for Lightning's model summary (configs/trainer/default.yaml turns that off): Lightning counts
+    FLOPs by running an example input, which a vdg method does not define, so its summary printed "Total FLOPs: 0";
+    vdg counts MACs analytically (`vdg.models.flops`, `method.cost`).
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+
+    @staticmethod
+    def describe(pl_module: pl.LightningModule) -> str:
+        from pytorch_lightning.utilities.model_summary import get_human_readable_count
+
+        parts = [
+            f"{name} {get_human_readable_count(sum(p.numel() for p in module.parameters()))}"
+            for name, module in pl_module.named_children()
+        ]
+        trainable = get_human_readable_count(sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
+        line = f"model: {pl_module.name}, parameters {', '.join(parts)} ({trainable} trainable)"
+        cost, cfg = getattr(pl_module, "cost", None), getattr(pl_module, "cfg", None)
+        if cost is not None and cfg is not None:
+            size = int(cfg.dataset.image_size)
+            line += f" | dense network {get_human_readable_count(cost.dense_macs)} MACs per {size}x{size} image"
+            if getattr(pl_module.backbone, "gated", False):
+                line += f", gated target t_d = {float(cfg.budget):g}"
+        return line
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            print(f"[vdg] {self.describe(pl_module)}", file=self.stream or sys.stdout, flush=True)
+
+
 def progress_callbacks(trainer_cfg: Mapping[str, Any]) -> tuple[list[pl.Callback], bool]:
     """The progress callbacks for the `trainer:` config and the `enable_progress_bar` the Trainer needs with them.
 
     trainer.progress: auto (rich when stdout is a terminal, else plain) | rich (Lightning's RichProgressBar: one
     bar per epoch with its time remaining) | plain (`PlainProgress` lines every trainer.progress_every_n_steps
     steps and per epoch) | none. trainer.enable_progress_bar=false means none, whatever trainer.progress says.
+    Except with none, a `ModelOverview` line comes first.
     """
     mode = str(trainer_cfg.get("progress", "auto"))
     if mode not in PROGRESS_MODES:
@@ -114,5 +149,5 @@ def progress_callbacks(trainer_cfg: Mapping[str, Any]) -> tuple[list[pl.Callback
     if mode == "auto":
         mode = "rich" if sys.stdout.isatty() else "plain"
     if mode == "rich":
-        return [RichProgressBar()], True
-    return [PlainProgress(int(trainer_cfg.get("progress_every_n_steps", 50)))], False
+        return [ModelOverview(), RichProgressBar()], True
+    return [ModelOverview(), PlainProgress(int(trainer_cfg.get("progress_every_n_steps", 50)))], False
