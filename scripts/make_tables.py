@@ -13,7 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without `pip install -e .`
 
-from vdg.report.tables import TABLE_NAMES, make_tables  # noqa: E402
+from vdg.report.tables import (  # noqa: E402
+    TABLE_NAMES,
+    describe_record,
+    load_results,
+    make_tables,
+    unmatched_records,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,12 +31,22 @@ def main(argv: list[str] | None = None) -> int:
     names = [name.strip() for name in args.tables.split(",") if name.strip()]
     try:
         paths = make_tables(args.results_dir, args.out, names)
+        records = load_results(args.results_dir)
+        unmatched = unmatched_records(records, names)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     for file_name, path in paths.items():
         if file_name.endswith(".md"):
             print(path.read_text(encoding="utf-8"))
-    print(f"wrote {len(paths)} files to {next(iter(paths.values())).parent}", file=sys.stderr)
+    print(f"{len(records)} result records under {args.results_dir}; {len(records) - len(unmatched)} fill a cell above")
+    if unmatched:
+        kinds = sorted({describe_record(r) for r in unmatched})
+        shown = "; ".join(kinds[:6]) + (f"; ... ({len(kinds) - 6} more)" if len(kinds) > 6 else "")
+        print(
+            f"{len(unmatched)} matched no cell of {', '.join(names)} (the paper's tables hold CIFAR-10, CIFAR-100, "
+            f"STL-10 and ImageNet-100 at its t_d and protocols): {shown}"
+        )
+    print(f"wrote {len(paths)} files (Markdown and CSV) to {next(iter(paths.values())).parent}", file=sys.stderr)
     return 0
 
 

@@ -44,8 +44,14 @@ class Job(NamedTuple):
 
 
 def dry_run(tmp_path: Path, table: str, *extra: str) -> list[Job]:
-    """The jobs `-m +sweep=<table> dry_run=true` prints: "job: key=value ...  # run_dir: DIR" per job."""
-    out = run_sweep(tmp_path, f"+sweep={table}", "dry_run=true", *extra).stdout
+    """The jobs `-m +sweep=<table> dry_run=true` prints: "job: key=value ...  # run_dir: DIR" per job; then
+    one count line on stderr. It launches nothing and leaves no folder (Hydra's launcher made one per job)."""
+    done = run_sweep(tmp_path, f"+sweep={table}", "dry_run=true", *extra)
+    (tmp_path / "stderr.txt").write_text(done.stderr)
+    out = done.stdout
+    assert not (tmp_path / "multirun").exists() and "Launching" not in done.stderr
+    count = out.count("job: ")
+    assert done.stderr.strip().splitlines()[-1].startswith(f"{count} jobs (")
     jobs = []
     for line in out.splitlines():
         if line.startswith("job: "):
@@ -94,6 +100,8 @@ def test_dry_run_lists_the_papers_grid_with_one_run_dir_per_job(table, tmp_path)
     jobs = dry_run(tmp_path, table, *([f"seed={','.join(seeds)}"] if seeds else []))
     expected = [{**job, "seed": s} for job in EXPECTED[table] for s in seeds] if seeds else EXPECTED[table]
     assert len(jobs) == JOB_COUNTS[table] * len(seeds or [None]) == len(expected)
+    if table == "table1":  # the README's count: 36 combinations, 10 that the paper did not run
+        assert "26 jobs (36 combinations, 10 skipped by sweep_skip)" in (tmp_path / "stderr.txt").read_text()
     assert all(job.overrides.pop("+sweep") == table for job in jobs)
     assert as_set([job.overrides for job in jobs]) == as_set(expected)
     assert len({job.run_dir for job in jobs}) == len(jobs)  # run_dir names method, dataset, budget, seed

@@ -28,12 +28,15 @@ from vdg.report.paper_results import (
     PaperValue,
 )
 from vdg.report.tables import (
+    Table,
     build_table,
+    describe_record,
     load_results,
     make_tables,
     record_key,
     render_csv,
     render_markdown,
+    unmatched_records,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,11 +102,10 @@ def _cifar10_table1_records() -> list[dict[str, Any]]:
     return records
 
 
-def _md_row(markdown: str, *labels: str) -> list[str]:
-    """The cells of the Markdown row whose first cells are `labels`."""
-    prefix = "| " + " | ".join(labels) + " |"
-    (line,) = [line for line in markdown.splitlines() if line.startswith(prefix)]
-    return [cell.strip() for cell in line.strip("|").split("|")]
+def _row(table: Table, *labels: str) -> list[str]:
+    """The cells (CSV form: ours, paper, Δ per column) of the row whose first cells are `labels`."""
+    (row,) = [row for row in table.rows if row[: len(labels)] == list(labels)]
+    return row
 
 
 # ---- paper numbers -----------------------------------------------------------------------------------------
@@ -172,13 +174,13 @@ def test_record_key() -> None:
 # ---- tables -----------------------------------------------------------------------------------------------
 
 
-def _table1_markdown(folder: Path) -> str:
-    return render_markdown(build_table("table1", load_results(_write(folder, _cifar10_table1_records()))))
+def _table1(folder: Path) -> Table:
+    return build_table("table1", load_results(_write(folder, _cifar10_table1_records())))
 
 
 def test_table1_cifar10_exact_cells(tmp_path: Path) -> None:
-    markdown = _table1_markdown(tmp_path)
-    assert _md_row(markdown, "CIFAR-10", "30%") == [
+    table = _table1(tmp_path)
+    assert _row(table, "CIFAR-10", "30%") == [
         "CIFAR-10", "30%",
         "91.10 ± 0.14", "91.11 ± 0.03", "-0.01",  # VICReg dense
         "7.04E8", "7.03E8", "+0.08%",  # dense FLOPs
@@ -188,15 +190,15 @@ def test_table1_cifar10_exact_cells(tmp_path: Path) -> None:
         "90.30 ± 0.08", "90.27 ± 0.03", "+0.03",  # VDG gated: 4 runs over 2 seeds, t_d 0.30000001 included
         "66.43%", "66.43%", "+0.00",  # VDG FLOPs R.
     ]  # fmt: skip
-    vdg_gated_10 = _md_row(markdown, "CIFAR-10", "10%")[17:23]  # VDG gated and its FLOPs R.
+    vdg_gated_10 = _row(table, "CIFAR-10", "10%")[17:23]  # VDG gated and its FLOPs R.
     assert vdg_gated_10 == ["89.00 ± 0.14", "88.94 ± 0.06", "+0.06", "81.00%", "81.49%", "-0.49"]
-    vdg_50 = _md_row(markdown, "CIFAR-10", "50%")[14:20]
+    vdg_50 = _row(table, "CIFAR-10", "50%")[14:20]
     assert vdg_50 == ["90.20", "90.20 ± 0.02", "+0.00", "90.40", "90.40 ± 0.06", "+0.00"]
 
 
 def test_missing_runs_show_a_dash(tmp_path: Path) -> None:
-    markdown = _table1_markdown(tmp_path)
-    stl = _md_row(markdown, "STL-10", "10%")
+    table = _table1(tmp_path)
+    stl = _row(table, "STL-10", "10%")
     assert stl[2:8] == ["—", "86.15 ± 0.10", "—", "—", "3.33E8", "—"]
     assert stl[-3:] == ["—", "78.34%", "—"]
     empty = build_table("table2", [])
@@ -225,7 +227,7 @@ def test_other_protocols_do_not_leak(tmp_path: Path) -> None:
         _record("vdg", "gated", 0.3, 55.0, **leak),  # linear
     ]
     tables = {name: build_table(name, records) for name in ("table1", "table3", "table4")}
-    assert _md_row(render_markdown(tables["table1"]), "CIFAR-100", "30%")[17] == "55.00"
+    assert _row(tables["table1"], "CIFAR-100", "30%")[17] == "55.00"
     assert tables["table3"].rows[11][5:8] == ["44.00", "58.49", "-14.49"]  # l2-normalised k-NN only
     vdg_cifar100_30 = tables["table4"].rows[1][11:20]  # VICReg-Dual dense, gated, FLOPs R.
     assert vdg_cifar100_30 == ["—", "56.34", "—", "11.00", "55.53", "-44.53", "50.00%", "66.83%", "-16.83"]
@@ -279,7 +281,7 @@ def test_make_tables_writes_every_table(tmp_path: Path) -> None:
     paths = make_tables(tmp_path)
     assert sorted(paths) == sorted(f"table{i}.{ext}" for i in range(1, 7) for ext in ("md", "csv"))
     assert all(path.parent == tmp_path / "tables" and path.is_file() for path in paths.values())
-    assert "| 90.30 ± 0.08 | 90.27 ± 0.03 | +0.03 |" in paths["table1.md"].read_text(encoding="utf-8")
+    assert VDG_30_LINES in paths["table1.md"].read_text(encoding="utf-8")
     assert sorted(make_tables(tmp_path, tmp_path / "other", ["table4"])) == ["table4.csv", "table4.md"]
 
 
@@ -288,12 +290,59 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
 
 
+# Table 1's CIFAR-10 30% setting as printed: one column per network or FLOPs figure, ours / paper / Δ rows.
+VDG_30_LINES = """\
+| CIFAR-10 | 30% | ours | 91.10 ± 0.14 | 7.04E8 | 89.49 | 69.27% | 90.38 | 90.30 ± 0.08 | 66.43% |
+|  |  | paper | 91.11 ± 0.03 | 7.03E8 | 89.49 ± 0.04 | 69.27% | 90.38 ± 0.04 | 90.27 ± 0.03 | 66.43% |
+|  |  | Δ | -0.01 | +0.08% | +0.00 | +0.00 | +0.00 | +0.03 | +0.00 |"""
+
+
+def test_markdown_is_one_column_per_figure_with_paper_rows_for_settings_without_runs(tmp_path: Path) -> None:
+    markdown = render_markdown(_table1(tmp_path))
+    lines = markdown.splitlines()
+    header = lines[lines.index(next(line for line in lines if line.startswith("| Dataset")))]
+    assert header == (
+        "| Dataset | t_d |  | VICReg dense | VICReg FLOPs | VICReg-Gating gated | VICReg-Gating FLOPs R. | VDG dense | "
+        "VDG gated | VDG FLOPs R. |"
+    )  # 10 columns where the CSV has 23
+    assert VDG_30_LINES in markdown
+    assert "| STL-10 | 10% | paper | 86.15 ± 0.10 | 3.33E8 |" in markdown  # no run of ours: the paper's row only
+    assert not [line for line in lines if line.startswith("| STL-10") and "| ours |" in line]
+    assert "No result record matched" not in markdown
+    assert "_No result record matched this table: it shows the paper's numbers only._" in render_markdown(
+        build_table("table1", [])
+    )
+
+
+def test_records_that_match_no_table_are_named() -> None:
+    digits = _record("vdg", "gated", 0.5, 61.7, protocol="knn", k=1, distance="euclidean",
+                     pretrain_dataset="digits", dataset="digits")
+    cifar = _cifar10_table1_records()
+    assert unmatched_records([digits, *cifar]) == [digits]
+    assert describe_record(digits) == "knn k=1 euclidean, vdg t_d 0.5 gated, digits"
+    assert unmatched_records(cifar, ["table4"]) == cifar  # linear records fill no k-NN table
+    assert build_table("table1", cifar).matched == len(cifar) and build_table("table4", cifar).matched == 0
+
+
+def test_cli_says_when_records_matched_no_table(tmp_path: Path) -> None:
+    digits = _record("vdg", "dense", 0.5, 73.1, protocol="knn", k=1, distance="euclidean",
+                     pretrain_dataset="digits", dataset="digits")
+    _write(tmp_path, [digits])
+    done = _cli(str(tmp_path), "--tables", "table1,table4")
+    assert done.returncode == 0, done.stderr
+    assert "1 result records under" in done.stdout and "0 fill a cell above" in done.stdout
+    assert "1 matched no cell of table1, table4" in done.stdout and "knn k=1 euclidean, vdg t_d 0.5 dense, digits" \
+        in done.stdout
+
+
 def test_cli_prints_markdown(tmp_path: Path) -> None:
     _write(tmp_path, _cifar10_table1_records())
     done = _cli(str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert "### Table 1" in done.stdout and "### Table 6" in done.stdout
-    assert "| 90.30 ± 0.08 | 90.27 ± 0.03 | +0.03 |" in done.stdout
+    assert VDG_30_LINES in done.stdout
+    assert "11 result records under" in done.stdout and "; 11 fill a cell above" in done.stdout
+    assert "matched no cell" not in done.stdout
     assert (tmp_path / "tables" / "table6.csv").is_file()
     subset = _cli(str(tmp_path), "--out", str(tmp_path / "o"), "--tables", "table4")
     assert subset.returncode == 0, subset.stderr

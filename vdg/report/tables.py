@@ -79,18 +79,26 @@ class TableSpec:
 
 @dataclass
 class Table:
-    """A rendered table: `header` and `rows` hold display strings; both renderers use them as they are."""
+    """A rendered table: `header` and `rows` hold display strings, the CSV form (one column per ours, paper, Δ).
+
+    label_columns: how many leading columns are row labels; the rest come in (ours, paper, Δ) triples.
+    matched: how many result records fill at least one cell.
+    """
 
     name: str
     title: str
     header: list[str]
     rows: list[list[str]]
+    label_columns: int = 0
+    matched: int = 0
 
 
 CAPTION = (
     f"ours = mean ± std over all matching evaluation runs (± omitted for one run); Δ = ours − paper "
-    f"(points; FLOPs R. in percentage points, FLOPs in % of the paper's); {MISSING} = no run / not printed."
+    f"(points; FLOPs R. in percentage points, FLOPs in % of the paper's); {MISSING} = no run / not printed. "
+    "A setting without any run of ours shows the paper's row only."
 )
+NO_MATCH = "No result record matched this table: it shows the paper's numbers only."
 
 
 def _td(budget: float) -> str:
@@ -352,23 +360,63 @@ def build_table(name: str, records: Iterable[Record]) -> Table:
     keyed = [(record_key(r), r) for r in records if _in_table(r, spec)]
     parts = ("ours", "paper", "Δ")
     header = [*spec.label_header] + [f"{col.title}: {part}" for col in spec.columns for part in parts]
-    rows = []
+    rows, used = [], set()
     for row in spec.rows:
         cells = list(row.labels)
         for col in spec.columns:
             key = _cell_key(row, col)
             matched = [r for k, r in keyed if _same_cell(k, key)]
+            used.update(id(r) for r in matched)
             cells += _CELLS[col.kind](key, matched, paper.get(key))
         rows.append(cells)
-    return Table(name, spec.title, header, rows)
+    return Table(name, spec.title, header, rows, len(spec.label_header), len(used))
+
+
+def unmatched_records(records: Iterable[Record], names: Iterable[str] = TABLE_NAMES) -> list[Record]:
+    """The records that fill no cell of the named tables (another dataset, protocol, k, budget...)."""
+    specs = [SPECS[name] for name in _check_names(names)]
+    cells = [(spec, [_cell_key(row, col) for row in spec.rows for col in spec.columns]) for spec in specs]
+    return [
+        r
+        for r in records
+        if not any(_in_table(r, spec) and any(_same_cell(record_key(r), k) for k in keys) for spec, keys in cells)
+    ]
+
+
+def describe_record(record: Record) -> str:
+    """`knn k=1 euclidean, vdg t_d 0.5 gated, digits` (what a record is, for the no-match message)."""
+    protocol = str(record.get("protocol", "?"))
+    if protocol == "knn":
+        protocol += f" k={record.get('k')} {record.get('distance')}"
+    budget = record.get("budget")
+    model = f"{record.get('method', '?')}" + ("" if budget is None else f" t_d {float(budget):g}")
+    data = record.get("dataset", "?")
+    if record.get("pretrain_dataset") not in (None, data):
+        data = f"{record['pretrain_dataset']} → {data}"
+    return f"{protocol}, {model} {record.get('branch', '?')}, {data}"
 
 
 def render_markdown(table: Table) -> str:
+    """The table in the paper's layout, one column per network or FLOPs figure: each setting's row gives the
+    paper's numbers, preceded by ours and followed by Δ when some run of ours exists for that setting."""
+
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(cells) + " |"
 
-    body = [line(table.header), line(["---"] * len(table.header)), *(line(r) for r in table.rows)]
-    return "\n".join([f"### {table.title}", "", CAPTION, "", *body]) + "\n"
+    n = table.label_columns
+    groups = [title.rsplit(": ", 1)[0] for title in table.header[n::3]]
+    body = [line([*table.header[:n], "", *groups]), line(["---"] * (n + 1 + len(groups)))]
+    for row in table.rows:
+        labels, values = row[:n], row[n:]
+        ours, paper, delta = values[0::3], values[1::3], values[2::3]
+        has_ours = any(v != MISSING for v in ours)
+        if has_ours:
+            body.append(line([*labels, "ours", *ours]))
+        body.append(line([*([""] * n if has_ours else labels), "paper", *paper]))
+        if has_ours:
+            body.append(line([*([""] * n), "Δ", *delta]))
+    note = [] if table.matched else ["", f"_{NO_MATCH}_"]
+    return "\n".join([f"### {table.title}", "", CAPTION, "", *body, *note]) + "\n"
 
 
 def render_csv(table: Table) -> str:
