@@ -92,6 +92,9 @@ BAD_EVAL_ARGUMENTS = [
     ("knn_eval", ["ckpt=x.ckpt", "k=0"], r"k=0 must be an integer >= 1"),
     ("knn_eval", ["ckpt=x.ckpt", "distance=manhattan"], r"'manhattan'.*allowed values: \['euclidean', 'cosine'\]"),
     ("knn_eval", ["ckpt=x.ckpt", "weighting=softmax"], r"weighting.*'softmax'.*allowed values"),
+    ("linear_eval", ["ckpt=x.ckpt", "augment_backend=gpu"], r"augment_backend 'gpu'.*\['auto', 'batched', 'workers'\]"),
+    ("linear_eval", ["ckpt=x.ckpt", "share_views=yes"], r"share_views='yes' must be true or false"),
+    ("knn_eval", ["ckpt=x.ckpt", "json=1"], r"json=1 must be true or false"),
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import runpy
 import shlex
@@ -24,6 +25,8 @@ import torch
 from omegaconf import OmegaConf
 
 from vdg.report.pareto import ours_points, paper_points, plot_pareto, record_panel
+from vdg.report.quickstart import BEGIN, END, figures_table, replace_table
+from vdg.report.quickstart import commands as quickstart_commands
 from vdg.report.tables import load_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,9 +53,9 @@ TINY = [
 SYNTHETIC = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32"]  # for datasets that download
 TINY_EVAL = {
     "scripts/linear_eval.py": ["epochs=1", "runs=1", "batch_size=128"],
+    "scripts/bench_eval.py": ["epochs=2", "runs=2", "batch_size=256", "bench_epochs=1", "repeats=1"],
     "scripts/umap_plot.py": ["max_samples=60"],
-    "scripts/export.py": ["overwrite=true"],
-}
+}  # scripts/export.py runs as written: the quickstart exported already, exporting again must not fail
 # Commands that cannot run here, with why, checked by composing their config instead.
 PARSE_ONLY = {
     """python scripts/linear_eval.py ckpt=runs/vdg/cifar100/td0.3/seed5/checkpoints/last.ckpt """
@@ -294,9 +297,19 @@ def check_outputs(argv: list[str], out: str, cwd: Path, index: int) -> None:
         jobs = {"+sweep=table1": 26, "+sweep=table3": 17}  # the grids, as the README says
         assert out.count("job: ") == next(n for sweep, n in jobs.items() if sweep in argv)
     elif script in ("scripts/knn_eval.py", "scripts/linear_eval.py"):
-        records = [json.loads(chunk) for chunk in re.findall(r"^\{.*?^\}", out, re.M | re.S)]
-        assert {r["branch"] for r in records} == ({"gated"} if "branch=gated" in argv else {"dense", "gated"})
-        assert all(0 <= r["value"] <= 100 for r in records)
+        # a summary for people: one line per network, naming the record files (json=true would print them)
+        branches = {"gated"} if "branch=gated" in argv else {"dense", "gated"}
+        assert set(re.findall(r"^  (dense|gated)  top-1 \d+\.\d\d", out, re.M)) == branches, out
+        folder, names = re.search(r"^records: (.*)/\{(.*)\} \(json=true prints them\)$", out, re.M).groups()
+        records = [json.loads((cwd / folder / name).read_text()) for name in names.split(",")]
+        assert {r["branch"] for r in records} == branches and all(0 <= r["value"] <= 100 for r in records)
+        assert all(r["description"] in out for r in records)
+        if "augment=false" in argv:
+            assert all(name.endswith("-cached.json") for name in names.split(","))
+    elif script == "scripts/bench_eval.py":
+        row = json.loads(out.strip().splitlines()[-1])
+        assert row["bare_image_passes_per_s"] > 0 and row["linear_image_passes_per_s"] > 0
+        assert "image passes/s" in out and row["augment_backend"] == "batched"
     elif script == "scripts/flops.py":
         summary = json.loads(out)
         if "dataset=imagenet100" in argv:
@@ -304,9 +317,12 @@ def check_outputs(argv: list[str], out: str, cwd: Path, index: int) -> None:
         if "report=true" in argv:
             assert (cwd / "runs/quickstart/checkpoints/results/channel_usage.png").read_bytes().startswith(PNG)
     elif script == "scripts/umap_plot.py":
-        assert Path(json.loads(out)["plot"]).read_bytes().startswith(PNG)
+        plot = out.strip().rsplit(": ", 1)[1]
+        assert out.startswith("UMAP (n_neighbors ") and (cwd / plot).read_bytes().startswith(PNG)
     elif script == "scripts/make_tables.py":
         assert "Table 1" in out and (cwd / "runs/tables/table1.md").is_file()
+        # the quickstart's digits records fill no paper table, and the script says so
+        assert re.search(r"^\d+ matched no cell of table1, table4 .*digits", out, re.M)
     elif script == "scripts/plot_pareto.py":
         assert (cwd / "runs/plots/pareto-knn-k1-euclidean-digits.png").read_bytes().startswith(PNG)
     elif script == "scripts/export.py":
@@ -364,14 +380,62 @@ def test_method_example_is_about_thirty_lines_and_registers_its_method(tmp_path)
 
 def test_load_backbone_example_runs_on_an_export(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
-    run_python(
-        ["scripts/export.py", "ckpt=runs/quickstart/checkpoints/last.ckpt", "branch=gated", "overwrite=true"],
-        workdir,
-        capsys,
-    )
+    run_python(["scripts/export.py", "ckpt=runs/quickstart/checkpoints/last.ckpt", "branch=gated"], workdir, capsys)
     exec(compile(example("python"), "README example", "exec"), {"__name__": "__main__"})
     printed = capsys.readouterr().out
     assert printed.startswith("torch.Size([8, 32]) gated 0.5 [")  # width 4 here: 32-d features, t_d of quickstart
+
+
+# ----- the README's measured figures --------------------------------------------------------------------------
+
+FIGURES = REPO / "docs" / "results" / "quickstart"
+
+
+def test_quickstart_figures_are_those_its_commands_wrote():
+    """Every figure of the README's quickstart table is rendered from docs/results/quickstart/, the files the
+    command named on its row wrote (scripts/readme_figures.py copies them there and rewrites the table)."""
+    assert figures_table(FIGURES) in README.read_text()
+    assert set(quickstart_commands()) <= set(PYTHON_COMMANDS)  # each runs as written in test_readme_command
+    summary = json.loads((FIGURES / "summary.json").read_text())
+    assert (summary["method"], summary["dataset"], summary["width"]) == ("vdg", "digits", 8)
+    for branch in ("dense", "gated"):  # knn_eval.py agrees with the k-NN the quickstart printed
+        knn = json.loads((FIGURES / f"knn-k1-euclidean-digits-{branch}.json").read_text())
+        assert knn["value"] == pytest.approx(summary["knn"][branch], abs=1e-6)
+        for name, augment in ((f"linear-digits-{branch}.json", True), (f"linear-digits-{branch}-cached.json", False)):
+            record = json.loads((FIGURES / name).read_text())
+            assert record["ckpt"].endswith("runs/quickstart/checkpoints/last.ckpt")
+            assert record["eval_config"]["augment"] is augment and record["eval_config"]["runs"] == 5
+            assert record["eval_config"]["epochs"] == 100 and record["branch"] == branch
+
+
+def test_readme_figures_script(tmp_path, capsys):
+    script = runpy.run_path(str(REPO / "scripts" / "readme_figures.py"))
+    assert script["main"](["--check"]) == 0
+    with pytest.raises(SystemExit):  # a run without the evaluations: it names the commands to run first
+        script["main"](["--run", str(tmp_path)])
+    assert "python scripts/knn_eval.py ckpt=runs/quickstart/checkpoints/last.ckpt" in capsys.readouterr().err
+    text = f"intro\n{BEGIN}\nold\n{END}\noutro\n"
+    assert replace_table(text, "NEW") == "intro\nNEW\noutro\n"
+
+
+@pytest.mark.skipif(
+    not os.environ.get("VDG_README_RERUN"),
+    reason="reruns the real quickstart (~1.5 min on an idle 2-core CPU); set VDG_README_RERUN=1 to compare its "
+    "k-NN figures with the README's",
+)
+def test_the_quickstart_command_reproduces_the_readmes_knn_figures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved = sys.argv
+    sys.argv = [str(REPO / "scripts/pretrain.py"), *shlex.split(QUICKSTART)[2:], "trainer.enable_progress_bar=false"]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        sys.argv = saved
+    fresh = json.loads((tmp_path / "runs/quickstart/summary.json").read_text())["knn"]
+    recorded = json.loads((FIGURES / "summary.json").read_text())["knn"]
+    for key in ("dense", "gated"):
+        assert f"{fresh[key]:.2f}" == f"{recorded[key]:.2f}", key
+    assert f"{fresh['flops_ratio']:.3f}" == f"{recorded['flops_ratio']:.3f}"
 
 
 # ----- tables of the README against the code -----------------------------------------------------------------

@@ -324,6 +324,14 @@ def test_records_that_match_no_table_are_named() -> None:
     assert build_table("table1", cifar).matched == len(cifar) and build_table("table4", cifar).matched == 0
 
 
+def test_linear_records_without_augmentation_fill_no_paper_cell() -> None:
+    cached = _record("vdg", "gated", 0.3, 99.0, augment=False, flops_reduction=0.66)
+    old_style = _record("vdg", "gated", 0.3, 98.0, eval_config={"augment": False})  # before the `augment` field
+    table = build_table("table1", [cached, old_style])
+    assert table.matched == 0 and _row(table, "CIFAR-10", "30%")[17] == "—"
+    assert describe_record(cached) == "linear (augment=false), vdg t_d 0.3 gated, cifar10"
+
+
 def test_cli_says_when_records_matched_no_table(tmp_path: Path) -> None:
     digits = _record("vdg", "dense", 0.5, 73.1, protocol="knn", k=1, distance="euclidean",
                      pretrain_dataset="digits", dataset="digits")

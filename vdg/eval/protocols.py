@@ -387,8 +387,11 @@ class Evaluation:
 
     # ----- records -------------------------------------------------------------------------------------
     def filename(self, branch: Branch) -> str:
+        """The record's file name; a linear/transfer record on unaugmented features is marked `-cached`, so it
+        never replaces the paper protocol's record (nor fills a paper table: `vdg.report.tables`)."""
         c = self.cfg
         knn = c.protocol == "knn"
+        tag = "-".join(t for t in ("" if knn or c.augment else "cached", c.get("tag") or "") if t) or None
         return result_filename(
             str(c.protocol),
             str(self.dataset.name),
@@ -398,7 +401,7 @@ class Evaluation:
             distance=str(c.distance) if knn else None,
             weighting=str(c.weighting) if knn else None,
             normalize=bool(c.normalize) if knn else False,
-            tag=c.get("tag"),
+            tag=tag,
         )
 
     def run(self) -> list[dict[str, Any]]:

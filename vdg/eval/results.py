@@ -140,7 +140,8 @@ def result_filename(
     """`linear-cifar10-gated.json`, `transfer-cifar100-to-cifar10-dense.json`, `knn-k1-euclidean-cifar10-dense.json`.
 
     k-NN names carry `-l2` for l2-normalised euclidean features and the vote weighting when k > 1 (at k = 1
-    it cannot change a prediction); `tag` is appended last, to keep variants of one protocol side by side.
+    it cannot change a prediction); `tag` is appended last, to keep variants of one protocol side by side
+    (the evaluation gives linear records on unaugmented features the tag `cached`).
     """
     if protocol == "transfer":
         stem = f"transfer-{pretrain_dataset}-to-{dataset}-{branch}"

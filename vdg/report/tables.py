@@ -264,8 +264,15 @@ def _same_cell(a: CellKey, b: CellKey) -> bool:
     return math.isclose(a.budget, b.budget, abs_tol=BUDGET_TOL)
 
 
+def _augmented(record: Record) -> bool:
+    """Whether a linear/transfer record used the paper's augmented protocol (not `augment=false`)."""
+    return bool(record.get("augment", (record.get("eval_config") or {}).get("augment", True)))
+
+
 def _in_table(record: Record, spec: TableSpec) -> bool:
     if record.get("protocol") != spec.protocol or record.get("metric", "top1") != "top1":
+        return False
+    if spec.protocol in ("linear", "transfer") and not _augmented(record):  # the paper's protocol only
         return False
     return spec.protocol != "knn" or (record.get("k") == 1 and record.get("distance") == spec.knn_distance)
 
@@ -386,6 +393,8 @@ def unmatched_records(records: Iterable[Record], names: Iterable[str] = TABLE_NA
 def describe_record(record: Record) -> str:
     """`knn k=1 euclidean, vdg t_d 0.5 gated, digits` (what a record is, for the no-match message)."""
     protocol = str(record.get("protocol", "?"))
+    if protocol in ("linear", "transfer") and not _augmented(record):
+        protocol += " (augment=false)"
     if protocol == "knn":
         protocol += f" k={record.get('k')} {record.get('distance')}"
     budget = record.get("budget")

@@ -1,0 +1,52 @@
+"""Refresh the README's quickstart figures from a quickstart run (for maintainers, after the commands it names).
+
+    python scripts/readme_figures.py [--run runs/quickstart] [--check]
+
+Copies the run's summary.json and evaluation records into docs/results/quickstart/ and rewrites the README's
+quickstart table from them; --check only reports whether the README matches the files already there. Run the
+commands first, in this order (the table names each one next to its figures):
+
+    python scripts/pretrain.py experiment=quickstart
+    python scripts/knn_eval.py ckpt=runs/quickstart/checkpoints/last.ckpt
+    python scripts/linear_eval.py ckpt=runs/quickstart/checkpoints/last.ckpt
+    python scripts/linear_eval.py ckpt=runs/quickstart/checkpoints/last.ckpt augment=false
+
+A thin entry point over `vdg.report.quickstart`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a clone without `pip install -e .`
+
+from vdg.report.quickstart import collect, figures_table, replace_table  # noqa: E402
+
+FIGURES = REPO / "docs" / "results" / "quickstart"
+README = REPO / "README.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Refresh the README's quickstart figures from a quickstart run.")
+    parser.add_argument("--run", type=Path, default=Path("runs/quickstart"), help="the quickstart's run_dir")
+    parser.add_argument("--check", action="store_true", help="only check the README against docs/results/")
+    args = parser.parse_args(argv)
+    readme = README.read_text(encoding="utf-8")
+    if args.check:
+        same = replace_table(readme, figures_table(FIGURES)) == readme
+        print("README matches docs/results/quickstart/" if same else "README differs from docs/results/quickstart/")
+        return 0 if same else 1
+    try:
+        copied = collect(args.run, FIGURES)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    README.write_text(replace_table(readme, figures_table(FIGURES)), encoding="utf-8")
+    print(f"copied {len(copied)} files to {FIGURES.relative_to(REPO)}/ and rewrote the README's quickstart table")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

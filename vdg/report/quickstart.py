@@ -1,0 +1,121 @@
+"""The README's quickstart figures: one Markdown table rendered from the files the quickstart's commands wrote.
+
+Each row names the exact command whose output it shows. The files live in docs/results/quickstart/ (copied
+there by scripts/readme_figures.py), so the README test can check every figure against them. It never runs
+or evaluates anything.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CKPT = "runs/quickstart/checkpoints/last.ckpt"
+PRETRAIN = "python scripts/pretrain.py experiment=quickstart"
+KNN = f"python scripts/knn_eval.py ckpt={CKPT}"
+LINEAR = f"python scripts/linear_eval.py ckpt={CKPT}"
+LINEAR_CACHED = f"{LINEAR} augment=false"
+# (file in the figures folder, the command that writes it: run in this order after a fresh clone)
+SOURCES = (
+    ("summary.json", PRETRAIN),
+    ("knn-k1-euclidean-digits-dense.json", KNN),
+    ("knn-k1-euclidean-digits-gated.json", KNN),
+    ("linear-digits-dense.json", LINEAR),
+    ("linear-digits-gated.json", LINEAR),
+    ("linear-digits-dense-cached.json", LINEAR_CACHED),
+    ("linear-digits-gated-cached.json", LINEAR_CACHED),
+)
+BEGIN = "<!-- quickstart figures: written by scripts/readme_figures.py from docs/results/quickstart/ -->"
+END = "<!-- /quickstart figures -->"
+
+
+def collect(run_dir: str | Path, figures_dir: str | Path) -> list[Path]:
+    """Copy a quickstart run's summary.json and its evaluation records (`SOURCES`) into `figures_dir`."""
+    run_dir, figures_dir = Path(run_dir), Path(figures_dir)
+    missing = [
+        f"{name} (from `{command}`)"
+        for name, command in SOURCES
+        if not (run_dir / name if name == "summary.json" else run_dir / "checkpoints/results" / name).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} lacks {'; '.join(missing)}: run those commands first")
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name, _ in SOURCES:
+        source = run_dir / name if name == "summary.json" else run_dir / "checkpoints/results" / name
+        copied.append(Path(shutil.copyfile(source, figures_dir / name)))
+    return copied
+
+
+def _load(figures_dir: Path, name: str) -> dict[str, Any]:
+    return json.loads((figures_dir / name).read_text())
+
+
+def _accuracy(record: dict[str, Any]) -> str:
+    if len(record.get("runs") or []) > 1:
+        return f"{record['value']:.2f} ± {record['std']:.2f}%"
+    return f"{record['value']:.2f}%"
+
+
+def _row(label: str, dense: str, gated: str, command: str) -> str:
+    return f"| {label} | {dense} | {gated} | `{command}` |"
+
+
+def figures_table(figures_dir: str | Path) -> str:
+    """The Markdown table of the quickstart's figures, between the README markers `BEGIN` and `END`."""
+    figures_dir = Path(figures_dir)
+    summary = _load(figures_dir, "summary.json")
+    knn = summary["knn"]
+    linear = [_load(figures_dir, f"linear-digits-{b}.json") for b in ("dense", "gated")]
+    cached = [_load(figures_dir, f"linear-digits-{b}-cached.json") for b in ("dense", "gated")]
+    epochs, runs = linear[0]["eval_config"]["epochs"], len(linear[0]["runs"])
+    ratio = knn["flops_ratio"]
+    title = (
+        f"quickstart run ({summary['method'].upper()}, t_d = {summary['budget']:g}, {summary['dataset']}, width "
+        f"{summary['width']}, {summary['epochs']} epochs, {summary['mean_seconds_per_epoch']:.1f} s/epoch)"
+    )
+    lines = [
+        BEGIN,
+        f"| {title} | dense | gated | command |",
+        "|---|---|---|---|",
+        _row(
+            f"1-NN top-1, {knn['distance']} (the paper's k-NN protocol; also printed by the quickstart)",
+            f"{knn['dense']:.2f}%",
+            f"{knn['gated']:.2f}%",
+            KNN,
+        ),
+        _row(
+            f"linear top-1, the paper's protocol: {epochs} epochs of RandomResizedCrop + flip, {runs} runs",
+            *(_accuracy(r) for r in linear),
+            LINEAR,
+        ),
+        _row(
+            f"linear top-1 on unaugmented features computed once, {len(cached[0]['runs'])} runs",
+            *(_accuracy(r) for r in cached),
+            LINEAR_CACHED,
+        ),
+        _row(
+            f"FLOPs over the {linear[1]['num_test']} test images (of dense)",
+            "100%",
+            f"{100 * ratio:.1f}% (reduction {100 * (1 - ratio):.1f}%)",
+            PRETRAIN,
+        ),
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def replace_table(readme: str, table: str) -> str:
+    """`readme` with the text from `BEGIN` to `END` replaced by `table`."""
+    start, end = readme.find(BEGIN), readme.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README has no quickstart figures block ({BEGIN} ... {END})")
+    return readme[:start] + table + readme[end + len(END) :]
+
+
+def commands() -> Sequence[str]:
+    """The commands behind the figures, in the order to run them."""
+    return list(dict.fromkeys(command for _, command in SOURCES))
