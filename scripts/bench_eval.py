@@ -16,16 +16,23 @@ printed next to them. Prints a table, then one JSON line.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import time
-from pathlib import Path
-from typing import Any
 
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+# OpenMP threads that spin while they wait take the cores they wait for when the machine is shared: 2 threads at
+# load 4.5 projected the default linear evaluation at 369 s, against 171 s with sleeping threads (bench_eval.py).
+# The parallel regions here last milliseconds, so waking costs nothing that shows. Set before torch loads OpenMP;
+# an OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without `pip install -e .`
 
@@ -128,6 +135,7 @@ def main(argv: list[str]) -> int:
         "ckpt": str(cfg.ckpt),
         "device": str(evaluation.device),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_1min": os.getloadavg()[0],
         "branches": [b.value for b in evaluation.branches],
         "runs": runs,
@@ -144,7 +152,8 @@ def main(argv: list[str]) -> int:
         "bench_s": bench_s,
     }
     print(f"{evaluation.dataset.name}, {bare['images']} train images, branches {row['branches']}, {runs} runs, "
-          f"{evaluation.device}, {row['threads']} threads, load average {row['load_average_1min']:.1f}")
+          f"{evaluation.device}, {row['threads']} threads (OMP_WAIT_POLICY {row['omp_wait_policy']}), load average "
+          f"{row['load_average_1min']:.1f}")
     print(f"  bare frozen features: {bare_rate:8.0f} image passes/s  ({bare['cpu_s']:.2f} CPU s per pass)")
     print(f"  linear protocol:      {linear_rate:8.0f} image passes/s  ({linear['cpu_s']:.2f} CPU s per epoch, "
           f"{linear['backend']} views, {linear['view_streams']} stream(s)) = {100 * row['linear_over_bare']:.0f}% "
