@@ -285,8 +285,9 @@ def describe_summary(summary: dict[str, Any]) -> str:
         if knn and any(knn.get(b, v) - v > PROBE_GAP_EXPLAINED for b, v in probes.items()):
             lines.append(
                 "  they trail k-NN here: they learn while the encoder still changes, from heavily augmented views "
-                "(and sampled gates), and a short run gives them too few steps to catch up; long runs let them "
-                "track the offline accuracy. Report k-NN or scripts/linear_eval.py, not the probes."
+                "(and sampled gates), and a short run gives them too few steps to settle (solo-learn's probe, the "
+                "same design, tracks the offline linear accuracy over hundreds of epochs). Report k-NN or "
+                "scripts/linear_eval.py, not the probes."
             )
     if summary.get("evaluations"):
         from vdg.eval.summary import record_line
