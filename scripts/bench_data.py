@@ -24,7 +24,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from vdg.data.module import PretrainDataModule
-from vdg.run.cli import split_options
+from vdg.run.cli import exit_on_user_error, int_option, split_options
+from vdg.run.config import validate_pretrain_config
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 OPTIONS = {"batches": "20", "warmup": "2", "backends": "[cpu,gpu]"}
@@ -77,13 +78,15 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     options, overrides = split_options(argv, OPTIONS)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="pretrain", overrides=overrides)
+    validate_pretrain_config(cfg)
+    batches, warmup = int_option(options, "batches", 1), int_option(options, "warmup")
     backends = [b.strip() for b in options["backends"].strip("[]").split(",") if b.strip()]
     unknown = sorted(set(backends) - {"cpu", "gpu"})
     if unknown:
         raise SystemExit(f"unknown backends {unknown}; allowed values: ['cpu', 'gpu']")
     rows = []
     for backend in backends:
-        row = bench(cfg, backend, int(options["batches"]), int(options["warmup"]))
+        row = bench(cfg, backend, batches, warmup)
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(f"\n{'backend':8} {'device':24} {'workers':>7} {'batch':>6} {'pairs/s':>10} {'setup s':>8}")
@@ -96,4 +99,4 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main, sys.argv[1:])

@@ -54,7 +54,7 @@ from vdg.data import PretrainDataModule
 from vdg.methods import BaseMethod, build_method
 from vdg.models import Branch
 from vdg.run.callbacks import EpochTimer
-from vdg.run.cli import split_options
+from vdg.run.cli import exit_on_user_error, split_options
 from vdg.run.driver import trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,4 +388,4 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main, sys.argv[1:])

@@ -13,8 +13,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vdg.deploy.export import export_backbone
-from vdg.run.checkpoint import CheckpointError
-from vdg.run.config import ConfigError
+from vdg.run.cli import USER_ERRORS, quote_path_values
+from vdg.run.config import check_bool
 
 
 @hydra.main(config_path="../configs", config_name="export", version_base="1.3")
@@ -23,11 +23,13 @@ def main(cfg: DictConfig) -> None:
         if OmegaConf.is_missing(cfg, key):
             sys.exit(f"error: {what} is required")
     try:
+        check_bool("overwrite", cfg.overwrite)
         paths = export_backbone(cfg.ckpt, cfg.branch, cfg.out_dir, cfg.name, bool(cfg.overwrite), cfg.expected_method)
-    except (CheckpointError, ConfigError, FileExistsError, ValueError) as err:
+    except (*USER_ERRORS, FileExistsError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(json.dumps({key: str(path) for key, path in paths.items()}, indent=2))
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *quote_path_values(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
     main()

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from vdg.eval.protocols import evaluate
 from vdg.eval.summary import summary_lines
-from vdg.run.cli import USER_ERRORS
+from vdg.run.cli import USER_ERRORS, quote_path_values
 
 
 @hydra.main(config_path="../configs", config_name="knn_eval", version_base="1.3")
@@ -32,4 +32,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *quote_path_values(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
     main()

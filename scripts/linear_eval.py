@@ -25,7 +25,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from vdg.eval.protocols import evaluate  # noqa: E402
 from vdg.eval.summary import summary_lines  # noqa: E402
-from vdg.run.cli import USER_ERRORS  # noqa: E402
+from vdg.run.cli import USER_ERRORS, quote_path_values  # noqa: E402
 
 
 @hydra.main(config_path="../configs", config_name="linear_eval", version_base="1.3")
@@ -41,4 +41,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *quote_path_values(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
     main()

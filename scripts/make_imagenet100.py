@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     try:
         classes = read_classes(args.classes)
         counts = make_subset(args.imagenet_dir, args.out_dir, classes, args.copy)
-    except SubsetError as err:
+    except (SubsetError, OSError) as err:  # OSError: an unwritable OUT_DIR, a full disk
         parser.exit(2, f"error: {err}\n")
     print(f"ImageNet-{len(classes)} in {args.out_dir}: " + ", ".join(f"{k} {v:,} images" for k, v in counts.items()))
     return counts

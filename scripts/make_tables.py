@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = make_tables(args.results_dir, args.out, names)
         records = load_results(args.results_dir)
         unmatched = unmatched_records(records, names)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: an unwritable --out, a full disk, an unreadable file
         parser.error(str(err))
     for file_name, path in paths.items():
         if file_name.endswith(".md"):

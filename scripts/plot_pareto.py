@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = plot_pareto(args.results_dir, args.out)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: an unwritable --out, a full disk, an unreadable file
         parser.error(str(err))
     for path in paths:
         print(path)

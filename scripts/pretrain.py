@@ -105,6 +105,32 @@ def sweep_dry_run(argv: list[str]) -> bool:
     return True
 
 
+def hydra_files(cfg: DictConfig) -> dict[str, str]:
+    """The record Hydra would write to <output dir>/.hydra/, for the driver to write into run_dir only once the
+    run is accepted (Hydra itself writes nothing there: a refused or invalid run must leave no trace)."""
+    hydra_cfg = HydraConfig.get()
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_cfg}),
+        "overrides.yaml": OmegaConf.to_yaml(list(hydra_cfg.overrides.task)),
+    }
+
+
+def anchor_paths(cfg: DictConfig) -> None:
+    """With hydra.job.chdir=true (or a custom hydra.run.dir) the job runs in another working directory: relative
+    paths of the command line still mean the directory the command was typed in, never one nested in it; a
+    leading ~ is the home folder, never a folder named "~"."""
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    moved = Path.cwd() != Path(get_original_cwd())
+    for key in ("run_dir", "data.root", "data.cache_dir"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value.startswith("~"):  # a quoted ~ reaches us unexpanded by the shell
+            OmegaConf.update(cfg, key, str(Path(value).expanduser()))
+        elif isinstance(value, str) and value and moved:
+            OmegaConf.update(cfg, key, to_absolute_path(value))
+
+
 @hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     overrides = " ".join(shlex.quote(o) for o in job_overrides())
@@ -120,15 +146,22 @@ def main(cfg: DictConfig) -> None:
                   "file you supply: see the sweep's config)", file=sys.stderr, flush=True)
         return
     # imported here: a dry run lists a sweep without loading torch
-    from vdg.run.cli import USER_ERRORS
+    from vdg.run.cli import USER_ERRORS, Interrupted
     from vdg.run.driver import describe_summary, pretrain
     from vdg.run.logging import quiet_known_warnings
 
     quiet_known_warnings()
+    anchor_paths(cfg)
     try:
-        summary = pretrain(cfg)
+        summary = pretrain(cfg, hydra_files(cfg))
+    except Interrupted as err:  # never exit 0: a job chain must not go on with an unfinished run
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(130)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # between the driver's own handlers (e.g. while the lock is released)
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
     if cfg.get("json", False):  # the machine record (also in run_dir/summary.json)
         print(json.dumps(summary, indent=2))
     else:
@@ -136,5 +169,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from vdg.run.cli import quote_path_values
+
+    sys.argv = [sys.argv[0], *quote_path_values(sys.argv[1:])]
     if not sweep_dry_run(sys.argv[1:]):
         main()

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from vdg.eval.summary import display_path
 from vdg.report.umap import umap_plot
-from vdg.run.cli import USER_ERRORS
+from vdg.run.cli import USER_ERRORS, quote_path_values
 
 
 @hydra.main(config_path="../configs", config_name="umap", version_base="1.3")
@@ -34,4 +34,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *quote_path_values(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
     main()

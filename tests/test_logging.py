@@ -192,7 +192,7 @@ def test_pretrain_with_wandb_resumes_the_same_wandb_run(tiny_cfg, quiet_wandb):
     pretrain(cfg)
     run_dir = Path(cfg.run_dir)
     run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
-    pretrain(tiny_cfg("method=vicreg", "logger=wandb", "probe.enabled=false", "trainer.max_epochs=2"))
+    pretrain(tiny_cfg("method=vicreg", "logger=wandb", "probe.enabled=false", "trainer.max_epochs=2", "resume=extend"))
     assert (run_dir / WANDB_ID_FILE).read_text().strip() == run_id
     runs = [p.name for p in (run_dir / "wandb").glob("offline-run-*")]
     assert runs and all(f"-{run_id}" in name for name in runs), runs  # wandb may suffix a second one with "-1"

@@ -28,7 +28,7 @@ def test_pretrain_writes_run_directory(tiny_cfg, method):
     import os
 
     files = sorted(os.listdir(f"{run}/checkpoints"))
-    assert files == ["epoch=0000.ckpt", "epoch=0001.ckpt", "export", "last.ckpt"]
+    assert files == ["epoch0000.ckpt", "epoch0001.ckpt", "export", "last.ckpt"]
     exported = sorted(os.listdir(f"{run}/checkpoints/export"))
     assert len(exported) == 3 * len(summary["exports"]) and sorted(summary["exports"]) == sorted(summary["probe_acc"])
     with open(f"{run}/metrics.csv") as f:

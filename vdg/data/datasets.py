@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable
 from importlib import resources
@@ -32,6 +33,25 @@ STL10_SIZE = 96
 
 class DataNotFoundError(FileNotFoundError):
     """The data a config asks for is not on disk (and could not be downloaded)."""
+
+
+class DatasetError(ValueError):
+    """The data on disk contradicts the config or itself (class lists, class count, stray or dangling files)."""
+
+
+class ImageReadError(OSError):
+    """An image file cannot be decoded correctly; the message names the file and what is wrong with it.
+
+    Raised inside a DataLoader worker, it reaches the main process rebuilt from the worker's formatted
+    traceback: the constructor keeps only the original one-line message, so scripts can print it as it is.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and "Original Traceback" in args[0]:
+            last = args[0].strip().splitlines()[-1]
+            match = re.match(r"^[\w.]*ImageReadError: (.*)$", last)
+            args = (f"{match.group(1) if match else last} (in a DataLoader worker)",)
+        super().__init__(*args)
 
 
 class TensorImageDataset(Dataset):
@@ -197,10 +217,95 @@ def load_stl10(root: str | Path, split: str, download: bool) -> TensorImageDatas
 
 
 # ------------------------------------------------------------------------------------------- image folders
-class ImageFolderDataset(Dataset):
-    """An ImageFolder split (`root/<split>/<class>/<image>`) with sorted class names; errors name the path.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
-    `classes`, when given, is the exact set of class folders expected (e.g. the ImageNet-100 list).
+
+def _is_sixteen_bit(image: Any) -> bool:
+    """Mode "I" holding 16-bit samples: a 16-bit PNG (older Pillow) or a TIFF with BitsPerSample 16."""
+    if image.format == "PNG":
+        return True
+    bits = getattr(image, "tag_v2", {}).get(258) if image.format == "TIFF" else None
+    return bits is not None and tuple(bits if isinstance(bits, tuple) else (bits,)) == (16,)
+
+
+def to_rgb(image: Any, path: str | Path) -> Any:
+    """An opened PIL image as 8-bit RGB, without clipping: 16-bit grey (PNG/TIFF, modes I;16* and 16-bit I) is
+    scaled by 255/65535 (Pillow's convert("RGB") would clip 94% of a typical image to white); palette, grey,
+    CMYK, YCbCr, LAB, HSV and alpha modes go through Pillow's conversion (alpha dropped, as torchvision).
+    32-bit integer (I) and floating-point (F) pixels have no fixed range: refused by name."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and _is_sixteen_bit(image)):
+        samples = np.asarray(image).astype(np.float32)
+        grey = np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise ImageReadError(
+            f"cannot read image {path}: {kind} pixels (Pillow mode {mode}) have no fixed range to map to 8 bits; "
+            f"convert the file to 8- or 16-bit"
+        )
+    try:
+        return image.convert("RGB")
+    except ValueError as err:  # a mode Pillow cannot convert (e.g. premultiplied La / RGBa)
+        raise ImageReadError(f"cannot read image {path}: Pillow mode {mode} has no RGB conversion ({err})") from err
+
+
+def _visible(name: str) -> bool:
+    """Hidden entries (.ipynb_checkpoints, .DS_Store, macOS ._x.jpg resource forks) are never data."""
+    return not name.startswith(".")
+
+
+def _scan(folder: Path) -> list[os.DirEntry]:
+    try:
+        return sorted((e for e in os.scandir(folder) if _visible(e.name)), key=lambda e: e.name)
+    except OSError as err:
+        raise DatasetError(f"cannot list {folder}: {err.strerror or err}") from err
+
+
+def list_classes(root: str | Path, split: str, name: str = "folder") -> list[str]:
+    """Sorted class folders of `root/split`; refuses a missing split, no classes, or images outside classes."""
+    root = Path(root)
+    folder = root / split
+    if not folder.is_dir():
+        present = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        raise DataNotFoundError(
+            f"data.root={str(root)!r} has no {split}/ folder (sub-folders there: {present}); dataset={name} "
+            f"expects {root}/{split}/<class>/<image>"
+        )
+    entries = _scan(folder)
+    classes = [e.name for e in entries if e.is_dir()]
+    stray = [e.name for e in entries if not e.is_dir() and e.name.lower().endswith(ImageFolderDataset.EXTENSIONS)]
+    if not classes:
+        raise DataNotFoundError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
+    if stray:
+        raise DatasetError(
+            f"{len(stray)} image(s) lie directly in {folder} (e.g. {stray[:3]}), outside any class folder: they "
+            f"would be ignored; move them into {folder}/<class>/"
+        )
+    return classes
+
+
+def same_classes(root: str | Path, split: str, found: list[str], expected: list[str], reference: str) -> None:
+    """Refuse a split whose class folders differ from the reference list: label i must mean one class."""
+    if found == expected:
+        return
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    raise DatasetError(
+        f"data.root={str(root)!r}: {split}/ does not hold the classes of {reference} (labels are numbered from "
+        f"one class list, so every later label would shift): missing in {split}/ {missing[:10]}"
+        f"{'...' if len(missing) > 10 else ''}, only in {split}/ {extra[:10]}{'...' if len(extra) > 10 else ''}"
+    )
+
+
+class ImageFolderDataset(Dataset):
+    """An ImageFolder split (`root/<split>/<class>/**/<image>`) with sorted class names; errors name the path.
+
+    `classes`, when given, is the exact class list expected (the train split's for the other splits of a
+    folder, the ImageNet-100 list): a split whose class folders differ is refused, so a label means the same
+    class in every split. Hidden files and folders are skipped; images in sub-folders of a class folder count
+    (as torchvision's ImageFolder); a dangling symlink is refused when listing.
     """
 
     EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -212,28 +317,17 @@ class ImageFolderDataset(Dataset):
         transform: Callable | None = None,
         classes: list[str] | None = None,
         name: str = "folder",
+        reference: str = "train/",
     ) -> None:
         self.root, self.split = Path(root), split
         folder = self.root / split
-        if not folder.is_dir():
-            present = sorted(d.name for d in self.root.iterdir() if d.is_dir()) if self.root.is_dir() else []
-            raise DataNotFoundError(
-                f"data.root={str(root)!r} has no {split}/ folder (sub-folders there: {present}); dataset={name} "
-                f"expects {self.root}/{split}/<class>/<image>"
-            )
-        self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-        if not self.classes:
-            raise DataNotFoundError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
-        if classes is not None and set(self.classes) != set(classes):
-            missing, extra = sorted(set(classes) - set(self.classes)), sorted(set(self.classes) - set(classes))
-            raise DataNotFoundError(
-                f"{folder} does not hold the {len(classes)} classes dataset={name} expects: "
-                f"missing {missing[:10]}{'...' if len(missing) > 10 else ''} ({len(missing)}), "
-                f"unexpected {extra[:10]}{'...' if len(extra) > 10 else ''} ({len(extra)})"
-            )
+        found = list_classes(self.root, split, name)
+        if classes is not None:
+            same_classes(self.root, split, found, list(classes), reference)
+        self.classes = found
         self.samples: list[tuple[str, int]] = []
         for label, class_name in enumerate(self.classes):
-            files = sorted(p for p in (folder / class_name).iterdir() if p.suffix.lower() in self.EXTENSIONS)
+            files = self._images(folder / class_name)
             if not files:
                 raise DataNotFoundError(
                     f"class folder {folder / class_name} holds no images (extensions {list(self.EXTENSIONS)})"
@@ -242,18 +336,39 @@ class ImageFolderDataset(Dataset):
         self.labels = torch.tensor([label for _, label in self.samples])
         self.transform = transform
 
+    def _images(self, folder: Path, seen: frozenset[str] = frozenset()) -> list[Path]:
+        """Every image file under `folder` (recursively, symlinks followed, hidden entries skipped), sorted."""
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink back to a parent: listing it again would never end
+            raise DatasetError(f"symlink loop: {folder} leads back to {real}")
+        files = []
+        for entry in _scan(folder):
+            path = Path(entry.path)
+            if entry.is_dir():
+                files.extend(self._images(path, seen | {real}))
+            elif entry.name.lower().endswith(self.EXTENSIONS):
+                if not entry.is_file():  # a symlink whose target is gone
+                    raise DatasetError(f"dangling symlink {path}: its target {os.readlink(path)} does not exist")
+                files.append(path)
+        return files
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int):  # noqa: ANN201 - PIL.Image
+        """The image as 8-bit RGB (`to_rgb`); an unreadable file is an `ImageReadError` naming it."""
         from PIL import Image, UnidentifiedImageError
 
         path = self.samples[index][0]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise OSError(f"cannot read image {path}: {err}") from err
+                return to_rgb(img, path)
+        except ImageReadError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+            raise ImageReadError(f"cannot read image {path}: not an image Pillow can decode ({err})") from None
+        except OSError as err:  # truncated data, permissions, a file that vanished
+            raise ImageReadError(f"cannot read image {path}: {err.strerror or err}") from None
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image = self.load(index)
@@ -271,7 +386,29 @@ def imagenet100_classes() -> list[str]:
 def load_imagenet100(root: str | Path, split: str) -> ImageFolderDataset:
     """ImageNet-100 as built by `scripts/make_imagenet100.py`: `root/{train,val}/<wnid>/<image>`."""
     _check_split(split, ("train", "val"))
-    return ImageFolderDataset(root, split, classes=imagenet100_classes(), name="imagenet100")
+    expected = sorted(imagenet100_classes())
+    found = list_classes(root, split, "imagenet100")
+    if set(found) != set(expected):
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        raise DataNotFoundError(
+            f"{Path(root) / split} does not hold the {len(expected)} classes dataset=imagenet100 expects: "
+            f"missing {missing[:10]}{'...' if len(missing) > 10 else ''} ({len(missing)}), "
+            f"unexpected {extra[:10]}{'...' if len(extra) > 10 else ''} ({len(extra)})"
+        )
+    return ImageFolderDataset(root, split, classes=expected, name="imagenet100", reference="the ImageNet-100 list")
+
+
+def load_folder(root: str | Path, split: str, num_classes: int | None = None) -> ImageFolderDataset:
+    """dataset=folder: every split takes its class list from train/ (refused when its folders differ), and
+    the number of classes must be dataset.num_classes (the probes and linear heads have that many outputs)."""
+    classes = list_classes(root, "train")
+    if num_classes is not None and len(classes) != num_classes:
+        raise DatasetError(
+            f"data.root={str(root)!r}: train/ has {len(classes)} class folders ({classes[:10]}"
+            f"{'...' if len(classes) > 10 else ''}) but dataset.num_classes={num_classes}; set "
+            f"dataset.num_classes={len(classes)}"
+        )
+    return ImageFolderDataset(root, split, classes=None if split == "train" else classes)
 
 
 # ------------------------------------------------------------------------------- folder -> uint8 tensor cache
@@ -320,8 +457,12 @@ def decode_folder(
     cache = decode_cache_path(dataset, image_size, cache_dir)
     fingerprint = _fingerprint(dataset, image_size)
     if cache.is_file():
-        blob = torch.load(cache, map_location="cpu", mmap=True, weights_only=True)
-        if blob.get("fingerprint") == fingerprint:
+        try:
+            blob = torch.load(cache, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as err:  # truncated or foreign file: decode again and replace it
+            warnings.warn(f"ignoring the unreadable decode cache {cache} ({err}); decoding again", stacklevel=2)
+            blob = {}
+        if isinstance(blob, dict) and blob.get("fingerprint") == fingerprint:
             return TensorImageDataset(blob["images"], blob["labels"], list(blob["classes"]))
     images = torch.empty(len(dataset), 3, image_size, image_size, dtype=torch.uint8)
     loader = DataLoader(_Decoded(dataset, image_size), batch_size=256, num_workers=num_workers)
@@ -330,11 +471,11 @@ def decode_folder(
         images[start : start + len(batch)] = batch
         start += len(batch)
     blob = {"fingerprint": fingerprint, "images": images, "labels": dataset.labels, "classes": dataset.classes}
+    from vdg.run.checkpoint_io import atomic_write, remove_orphans
+
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save(blob, partial)
-        os.replace(partial, cache)  # atomic: a concurrent reader sees the old file or the new one
+        remove_orphans(cache.parent)  # temp files of killed writers (live writers' are kept)
+        atomic_write(cache, lambda tmp: torch.save(blob, tmp))  # a concurrent reader sees the old or the new file
     except OSError as err:
         warnings.warn(f"could not write the decode cache {cache} ({err}); set data.cache_dir", stacklevel=2)
     return TensorImageDataset(images, dataset.labels, dataset.classes)
@@ -358,7 +499,7 @@ def build_dataset(dataset_cfg: Any, data_cfg: Any, split: str) -> Dataset:
     if name == "imagenet100":
         return load_imagenet100(data_cfg.root, on_disk)
     if name == "folder":
-        return ImageFolderDataset(data_cfg.root, on_disk)
+        return load_folder(data_cfg.root, on_disk, dataset_cfg.get("num_classes"))
     if name == "digits":
         return load_digits(on_disk, int(dataset_cfg.image_size))
     size = int(dataset_cfg.train_size if on_disk == "train" else dataset_cfg.test_size)  # synthetic

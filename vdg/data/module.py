@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from vdg.data.datasets import ImageFolderDataset, TensorImageDataset, build_dataset, decode_folder
+from vdg.data.datasets import DatasetError, ImageFolderDataset, TensorImageDataset, build_dataset, decode_folder
 from vdg.data.gpu_augment import GPUMultiViewAugment
 from vdg.data.gpu_module import DeviceBatchLoader, resolve_backend
 from vdg.data.recipes import ViewRecipe
@@ -53,7 +53,7 @@ def per_device_batch_size(cfg: Any, world: int | None = None) -> int:
         world = int(devices) * int(cfg.trainer.num_nodes) if devices.isdigit() else 1
     total = int(cfg.data.batch_size)
     if total % world:
-        raise ValueError(f"data.batch_size={total} must be divisible by devices x nodes = {world}")
+        raise DatasetError(f"data.batch_size={total} must be divisible by devices x nodes = {world}")
     return total // world
 
 
@@ -79,6 +79,29 @@ class PretrainDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None  # cpu backend
         self.train_batches: DeviceBatchLoader | None = None  # gpu backend
         self.gpu_augment: GPUMultiViewAugment | None = None
+        self._raw: dict[str, Dataset] = {}  # raw splits loaded by `load_splits`, reused by `setup`
+
+    def load_splits(self) -> None:
+        """Load the raw pretraining and validation splits and check them against the batch size, before the
+        pretraining driver creates anything: missing data, classes that differ between the splits or a batch
+        larger than the split fail here, in one line. `setup` reuses what is loaded."""
+        ds, data = self.cfg.dataset, self.cfg.data
+        self._raw["pretrain"] = build_dataset(ds, data, "pretrain")
+        if ds.get("has_labels", True):
+            self._raw["test"] = build_dataset(ds, data, "test")
+        check_image_size(self._raw.get("test"), ds)
+        size = len(self._raw["pretrain"])
+        if size < self.batch_size:
+            raise DatasetError(
+                f"the {ds.name} pretraining split has {size} images, fewer than one per-device batch "
+                f"(data.batch_size={int(data.batch_size)} over {int(data.batch_size) // self.batch_size} "
+                f"device(s)): lower data.batch_size to at most {size}"
+            )
+
+    def _split(self, role: str) -> Dataset:
+        if role not in self._raw:
+            self._raw[role] = build_dataset(self.cfg.dataset, self.cfg.data, role)
+        return self._raw[role]
 
     @property
     def device(self) -> torch.device:
@@ -97,7 +120,7 @@ class PretrainDataModule(pl.LightningDataModule):
             self.batch_size = per_device_batch_size(self.cfg, self.trainer.world_size)
         size, mean, std = int(ds.image_size), list(ds.mean), list(ds.std)
         recipes = view_recipes(ds)
-        raw = build_dataset(ds, data, "pretrain")
+        raw = self._split("pretrain")
         device = self.device
         backend = str(data.backend)
         if backend == "auto" and isinstance(raw, ImageFolderDataset) and ds.get("eval_resize") is not None:
@@ -120,7 +143,8 @@ class PretrainDataModule(pl.LightningDataModule):
         self.val_set = None
         if ds.get("has_labels", True):
             val_t = eval_transform(size, list(ds.eval_mean), list(ds.eval_std), ds.get("eval_resize"))
-            self.val_set = TransformedDataset(build_dataset(ds, data, "test"), val_t)
+            self.val_set = TransformedDataset(self._split("test"), val_t)
+        self._raw = {}  # the loaders hold what they need
 
     def _agreed_backend(self, backend: str, nbytes: int, device: torch.device) -> str:
         """`resolve_backend` in every process, then one answer for all: gpu only if every process chose it.
@@ -175,7 +199,7 @@ class PretrainDataModule(pl.LightningDataModule):
         if self.backend == "gpu":
             return self.train_batches
         if len(self.train_set) < self.batch_size:
-            raise ValueError(
+            raise DatasetError(
                 f"the {self.cfg.dataset.name} train split has {len(self.train_set)} images, fewer than one "
                 f"per-device batch ({self.batch_size}); lower data.batch_size"
             )
@@ -194,6 +218,21 @@ class PretrainDataModule(pl.LightningDataModule):
         if self.backend == "gpu" and self.trainer is not None and self.trainer.training:
             return self.augment(batch)
         return batch
+
+
+def check_image_size(dataset: Dataset | None, dataset_cfg: Any) -> None:
+    """Without dataset.eval_resize, evaluation images are used at their own size: an image folder whose first
+    image is not dataset.image_size square would give features (and FLOPs) of another input size."""
+    if not isinstance(dataset, ImageFolderDataset) or dataset_cfg.get("eval_resize") is not None or not len(dataset):
+        return
+    width, height = dataset.load(0).size
+    size = int(dataset_cfg.image_size)
+    if (width, height) != (size, size):
+        raise DatasetError(
+            f"{dataset.samples[0][0]} is {width}x{height} but dataset.image_size={size} and dataset.eval_resize=null "
+            f"(evaluation images are not resized): set dataset.image_size={min(width, height)}, or "
+            f"dataset.eval_resize=<shorter side before a centre crop of {size}>"
+        )
 
 
 def _uint8_bytes(dataset: Dataset, image_size: int) -> int:

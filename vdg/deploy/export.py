@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,15 +101,11 @@ def export_name(method: str, dataset: str, budget: float | None, branch: str | B
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """`write(temp_path)` into the target folder, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`write(temp_path)` into the target folder, then rename: a reader never sees half a file; the file's mode
+    follows the umask (colleagues can read exports); a full disk is a one-line StorageError."""
+    from vdg.run.checkpoint_io import atomic_write
+
+    atomic_write(path, write)
 
 
 def _same_export(paths: dict[str, Path], metadata: dict[str, Any], state: dict[str, Tensor]) -> bool:
@@ -192,7 +186,12 @@ def export_backbone(
             f"{', '.join(map(str, existing))} already exist(s) and hold another export (its weights, source "
             "checkpoint or settings differ); pass overwrite=true to replace them, or out_dir=/name= to keep both"
         )
+    from vdg.run.checkpoint_io import remove_orphans
+    from vdg.run.rundir import check_writable
+
+    check_writable(out, "out_dir")
     out.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out)  # temp files of killed exports
     _atomic_write(paths["pt"], lambda tmp: torch.save(state, tmp))
     _atomic_write(paths["safetensors"], lambda tmp: save_file(state, tmp, {METADATA_KEY: json.dumps(metadata)}))
     _atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
@@ -205,19 +204,26 @@ def _read_export(path: Path) -> tuple[dict[str, Any], Path]:
         raise ValueError(f"{path}: expected an exported .safetensors, .pt or .json file (scripts/export.py)")
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
-        metadata = json.loads(sidecar.read_text())
+        try:
+            metadata = json.loads(sidecar.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"cannot read {sidecar}: not a valid export JSON ({err})") from None
     elif path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            header = (f.metadata() or {}).get(METADATA_KEY)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = (f.metadata() or {}).get(METADATA_KEY)
+        except Exception as err:  # SafetensorError: a corrupt or foreign file
+            raise CheckpointError(f"cannot read {path}: corrupt or not a safetensors file ({err})") from None
         if header is None:
             raise ValueError(f"{path} is not a vdg export: no {sidecar.name} and no vdg metadata in the file")
         metadata = json.loads(header)
     else:
         raise FileNotFoundError(f"{sidecar} not found: it describes the architecture of the exported weights")
-    if metadata.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{sidecar} is not a vdg backbone export (format {metadata.get('format')!r})")
+    if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
+        raise ValueError(f"{sidecar} is not a vdg backbone export (format {found!r})")
     if path.suffix in WEIGHT_SUFFIXES:
         weights = path
     else:  # the JSON: prefer safetensors
@@ -226,6 +232,24 @@ def _read_export(path: Path) -> tuple[dict[str, Any], Path]:
     if not weights.is_file():
         raise FileNotFoundError(f"exported weights not found: {weights}")
     return metadata, weights
+
+
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The exported state_dict (safetensors, or torch.load with weights_only); a bad file is one clear line."""
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights), device="cpu")
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, SafetensorError, a truncated zip: one line naming the file
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read {weights}: corrupt, truncated or not an exported backbone ({detail})") \
+            from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{weights} does not hold a backbone state_dict (name -> tensor)")
+    return state
 
 
 def load_backbone(path: str | Path, branch: str | Branch | None = None) -> BranchBackbone:
@@ -238,8 +262,12 @@ def load_backbone(path: str | Path, branch: str | Branch | None = None) -> Branc
         model = vdg.load_backbone("runs/.../export/vdg-cifar100-td0.3-gated.safetensors")
         features = model(images)  # images normalised with model.config["normalize"]["mean"] / ["std"]
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     metadata, weights = _read_export(path)
+    state = _read_weights(weights)
+    missing = [key for key in ("branch", "arch") if not metadata.get(key)]
+    if missing:
+        raise CheckpointError(f"the export JSON of {weights} is incomplete: it has no {missing}")
     exported = Branch.parse(metadata["branch"])
     if branch is not None and Branch.parse(branch) is not exported:
         wanted = Branch.parse(branch).value
@@ -247,16 +275,12 @@ def load_backbone(path: str | Path, branch: str | Branch | None = None) -> Branc
             f"{path} holds the {exported.value} branch, not {wanted!r}; export that one with "
             f"`python scripts/export.py ckpt={metadata['source']['checkpoint']} branch={wanted}`"
         )
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights), device="cpu")
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
     gate = metadata.get("gate") or {}
     encoder = _build_encoder(metadata["arch"], exported, gate.get("temperature", 2.0 / 3.0))
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{weights} does not fit the architecture in its JSON {metadata['arch']}: {err}") from err
+        detail = "; ".join(line.strip() for line in str(err).strip().splitlines()[:3])
+        raise CheckpointError(f"{weights} does not fit the architecture in its JSON {metadata['arch']}: {detail}") \
+            from err
     return BranchBackbone(encoder, exported, metadata).eval()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from vdg.data.datasets import build_dataset
@@ -65,30 +65,117 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...] | list[str]) -> 
     return str(value)
 
 
-def check_eval_config(cfg: DictConfig) -> None:
-    """Fail before any loading when a value is out of range; the message names the key and allowed values."""
-    if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
+def allowed_eval_keys(protocol: str) -> set[str] | None:
+    """Top-level keys of an evaluation config: linear_eval.yaml's plus those of configs/eval/<protocol>.yaml."""
+    files = [CONFIG_DIR / "linear_eval.yaml", CONFIG_DIR / "eval" / f"{protocol}.yaml"]
+    if protocol == "transfer":
+        files.append(CONFIG_DIR / "eval" / "linear.yaml")
+    if not all(f.is_file() for f in files):
+        return None
+    return {k for f in files for k in OmegaConf.load(f) if k not in ("defaults", "hydra")}
+
+
+def check_device(name: Any, key: str = "device") -> None:
+    """auto, cpu, cuda, cuda:N or mps, and present on this machine."""
+    if not isinstance(name, str):
+        raise ConfigError(f"{key}={name!r} must be auto, cpu, cuda, cuda:N or mps")
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"unknown {key} {name!r}; allowed values: auto, cpu, cuda, cuda:N, mps") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}={name} but no CUDA GPU is visible on this machine; use {key}=cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{key}={name} but this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}=mps but the MPS backend is not available; use {key}=cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown {key} {name!r}; allowed values: auto, cpu, cuda, cuda:N, mps")
+
+
+def check_eval_config(cfg: DictConfig, need_checkpoint: bool = True) -> None:
+    """Fail before any loading when a key or value is wrong; the message names the key and allowed values.
+
+    Types are strict (epochs=2.5 or runs=true are refused, never truncated); need_checkpoint=False checks an
+    evaluation chained after pretraining, whose checkpoint does not exist yet.
+    """
+    from vdg.methods import METHODS
+    from vdg.run.config import check_bool, check_int, check_known_keys, check_number, check_str
+
+    if need_checkpoint and (OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt):
         raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to evaluate")
     protocol = _choice(cfg, "protocol", PROTOCOLS)
+    check_known_keys("", cfg, allowed_eval_keys(protocol))
     _choice(cfg, "branch", BRANCH_CHOICES)
     _choice(cfg, "image_stats", IMAGE_STATS)
+    if cfg.get("expected_method") is not None:
+        _choice(cfg, "expected_method", sorted(METHODS))
+    check_device(cfg.get("device", "auto"))
+    check_str("results_dir", cfg.get("results_dir"), optional=True)
+    tag = check_str("tag", cfg.get("tag"), optional=True)
+    if tag is not None and ("/" in tag or tag in (".", "..")):
+        raise ConfigError(f"tag={tag!r} becomes part of a file name: it must not contain '/'")
+    data = cfg.get("data") or {}
+    check_known_keys("data", data, ("root", "download", "num_workers", "pin_memory"))
+    if data.get("root") is not None:
+        check_str("data.root", data.root)
+    for key in ("download", "pin_memory"):
+        if data.get(key) is not None:
+            check_bool(f"data.{key}", data[key])
+    if data.get("num_workers") is not None:
+        check_int("data.num_workers", data.num_workers, 0)
+    check_int("batch_size", cfg.batch_size, 1)
     if protocol == "transfer":
         _choice(cfg, "target", dataset_names())
     if protocol == "knn":
         _choice(cfg, "distance", DISTANCES)
         _choice(cfg, "weighting", WEIGHTINGS)
-        if not isinstance(cfg.k, int) or cfg.k < 1:
-            raise ConfigError(f"k={cfg.k!r} must be an integer >= 1")
+        check_int("k", cfg.k, 1)
+        check_number("temperature", cfg.temperature, 0, low_open=True)
+        check_bool("normalize", cfg.normalize)
     else:
-        linear_protocol(cfg, seed=0)  # validates init, epochs, milestones
-        if not isinstance(cfg.runs, int) or cfg.runs < 1:
-            raise ConfigError(f"runs={cfg.runs!r} must be an integer >= 1")
+        check_int("epochs", cfg.epochs, 1)
+        check_number("lr", cfg.lr, 0, low_open=True)
+        check_number("momentum", cfg.momentum, 0, 1, high_open=True)
+        check_number("weight_decay", cfg.weight_decay, 0)
+        check_number("gamma", cfg.gamma, 0, 1, low_open=True, note=" (the lr factor at each milestone)")
+        milestones = cfg.milestones
+        if not isinstance(milestones, ListConfig) or not all(isinstance(m, int) and m >= 1 for m in milestones):
+            raise ConfigError(f"milestones={_plain(milestones)!r} must be a list of epochs (integers >= 1)")
+        check_int("runs", cfg.runs, 1)
+        check_int("seed", cfg.seed, 0, 2**32 - 1)
         _choice(cfg, "augment_backend", AUGMENT_BACKENDS)
         for key in ("augment", "share_views"):
-            if not isinstance(cfg.get(key), bool):
-                raise ConfigError(f"{key}={cfg.get(key)!r} must be true or false")
-    if not isinstance(cfg.get("json", False), bool):
-        raise ConfigError(f"json={cfg.json!r} must be true or false")
+            check_bool(key, cfg.get(key))
+        linear_protocol(cfg, seed=0)  # validates init and the milestones' order
+    check_bool("json", cfg.get("json", False))
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
+
+
+def check_eval_data(cfg: DictConfig, pretrain_cfg: DictConfig) -> None:
+    """The evaluated splits exist (downloaded now if allowed), their class lists agree, k fits the bank, and
+    the results folder can be written: all before any feature is extracted or any probe trained."""
+    from vdg.run.rundir import check_writable
+
+    target = str(cfg.target) if cfg.protocol == "transfer" else None
+    dataset = eval_dataset(pretrain_cfg, target, str(cfg.image_stats))
+    data = data_config(pretrain_cfg, cfg)
+    train = build_dataset(dataset, data, "train")
+    build_dataset(dataset, data, "test")
+    if cfg.protocol == "knn" and int(cfg.k) > len(train):
+        raise ConfigError(f"k={int(cfg.k)} is larger than the k-NN bank: the {dataset.name} train split has "
+                          f"{len(train)} images")
+    if cfg.get("results_dir"):
+        check_writable(cfg.results_dir, "results_dir")
+    elif cfg.get("ckpt") and not str(cfg.ckpt).startswith("<"):
+        check_writable(results_dir(cfg.ckpt), "results_dir (default: <checkpoint dir>/results)")
 
 
 def linear_protocol(cfg: DictConfig, seed: int) -> LinearProtocol:
@@ -210,6 +297,7 @@ class Evaluation:
         target = str(cfg.target) if cfg.protocol == "transfer" else None
         self.dataset = eval_dataset(self.pretrain_cfg, target, str(cfg.image_stats))
         self.data = data_config(self.pretrain_cfg, cfg)
+        check_eval_data(cfg, self.pretrain_cfg)  # before any feature extraction or probe training
         self.device = resolve_device(str(cfg.device))
         self.model.to(self.device)
         self.out_dir = results_dir(cfg.ckpt, cfg.get("results_dir"))
@@ -443,9 +531,17 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
     The caller's CPU RNG is left as it was (building the model and iterating data loaders draw from it); the
     GPU RNGs are never drawn from (the views have their own generators).
     """
-    with torch.random.fork_rng(devices=[]):
-        evaluation = Evaluation(cfg)
-        records = evaluation.run()
+    from vdg.run.cli import Interrupted
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            evaluation = Evaluation(cfg)
+            records = evaluation.run()
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "evaluation interrupted: the records already written are complete, the others were not written; "
+            "rerun the same command"
+        ) from None
     return EvaluationResult(records, evaluation.written)
 
 

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -160,21 +158,11 @@ def results_dir(ckpt: str | Path, override: str | Path | None = None) -> Path:
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
-    """Write `obj` as indented JSON atomically: a temp file in the same folder, then os.replace.
+    """Write `obj` as indented JSON atomically (`vdg.run.checkpoint_io.atomic_write`): a reader, or a crash, sees
+    the old file or the new one, never half of one. The file's mode follows the umask; temp files of killed
+    writers in the folder are removed; a full disk or a read-only folder is a one-line StorageError."""
+    from vdg.run.checkpoint_io import atomic_write_text, remove_orphans
 
-    A reader (or a crash) sees the old file or the new one, never half of one.
-    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    remove_orphans(path.parent)
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -39,7 +39,29 @@ def block_usage(cost: NetworkCost, active_channels: Any, masks: Any) -> list[dic
     return rows
 
 
+def check_flops_config(cfg: DictConfig) -> None:
+    """The options, and with report=true the results folder's permissions, before any model is built."""
+    from vdg.eval.protocols import check_device
+    from vdg.run.config import check_bool, check_choice, check_int, check_str
+    from vdg.run.rundir import check_writable
+
+    check_bool("report", cfg.get("report", False))
+    check_int("backbone.width", cfg.backbone.width, 4)
+    check_int("dataset.image_size", cfg.dataset.image_size, 8)
+    check_choice("dataset.stem", cfg.dataset.stem, ("cifar", "imagenet"))
+    check_int("data.batch_size", cfg.data.batch_size, 1)
+    check_device(cfg.get("device", "cpu"))
+    check_str("results_dir", cfg.get("results_dir"), optional=True)
+    if cfg.get("ckpt") is not None:
+        check_str("ckpt", cfg.ckpt)
+        if cfg.get("report", False):
+            from vdg.eval.results import results_dir
+
+            check_writable(results_dir(cfg.ckpt, cfg.get("results_dir")), "results_dir")
+
+
 def flops_summary(cfg: DictConfig) -> dict[str, Any]:
+    check_flops_config(cfg)
     if cfg.get("ckpt") is None:
         backbone = GatedResNet(width=int(cfg.backbone.width), stem=cfg.dataset.stem)
         cost = network_cost(backbone, int(cfg.dataset.image_size))

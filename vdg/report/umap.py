@@ -20,6 +20,7 @@ from vdg.data.module import eval_loader
 from vdg.eval.features import extract_features
 from vdg.eval.protocols import (
     BRANCH_CHOICES,
+    CONFIG_DIR,
     IMAGE_STATS,
     data_config,
     eval_dataset,
@@ -78,13 +79,37 @@ def spread_subset(n: int, size: int | None) -> list[int]:
     return torch.linspace(0, n - 1, size).round().long().tolist()
 
 
-def umap_plot(cfg: DictConfig) -> dict[str, Any]:
-    """Embed the test split of the checkpoint's pretraining dataset per branch and write one PNG."""
+def check_umap_config(cfg: DictConfig) -> None:
+    """Every option, the output folder's permissions included, before the checkpoint is even read."""
+    from vdg.eval.protocols import check_device
+    from vdg.run.config import check_int, check_known_keys, check_str
+    from vdg.run.rundir import check_writable
+
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to plot")
+    config = CONFIG_DIR / "umap.yaml"
+    if config.is_file():
+        check_known_keys("", cfg, [k for k in OmegaConf.load(config) if k != "defaults"])
     for key, allowed in (("branch", BRANCH_CHOICES), ("image_stats", IMAGE_STATS)):
         if cfg[key] not in allowed:
             raise ConfigError(f"unknown {key} {cfg[key]!r}; allowed values: {list(allowed)}")
+    if cfg.max_samples is not None:
+        check_int("max_samples", cfg.max_samples, 3, note=" (UMAP needs 3 samples) or null for the whole split")
+    check_int("n_neighbors", cfg.n_neighbors, 2)
+    check_int("random_state", cfg.random_state, 0)
+    check_int("batch_size", cfg.batch_size, 1)
+    check_device(cfg.device)
+    output = check_str("output", cfg.output, optional=True)
+    check_str("results_dir", cfg.results_dir, optional=True)
+    if output:
+        check_writable(Path(output).parent, "output")
+    else:
+        check_writable(results_dir(cfg.ckpt, cfg.results_dir), "results_dir")
+
+
+def umap_plot(cfg: DictConfig) -> dict[str, Any]:
+    """Embed the test split of the checkpoint's pretraining dataset per branch and write one PNG."""
+    check_umap_config(cfg)
     model = load_checkpoint(cfg.ckpt, cfg.get("expected_method"))
     branches = select_branches(model, cfg.branch)
     dataset = eval_dataset(model.cfg, None, str(cfg.image_stats))
@@ -92,6 +117,8 @@ def umap_plot(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(str(cfg.device))
     full = eval_loader(OmegaConf.create({"dataset": dataset, "data": data}), "test", int(cfg.batch_size))
     subset = Subset(full.dataset, spread_subset(len(full.dataset), cfg.max_samples))
+    if len(subset) < 3:  # before any feature is extracted
+        raise ConfigError(f"UMAP needs at least 3 samples; the {dataset.name} test split gives {len(subset)}")
     loader = DataLoader(subset, batch_size=int(cfg.batch_size), shuffle=False, num_workers=full.num_workers)
 
     embeddings, labels = {}, None

@@ -21,7 +21,7 @@ class CheckpointError(ValueError):
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file with `weights_only=True`: a file that needs arbitrary unpickling is refused."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: ckpt={str(path)!r} is not a file")
     try:

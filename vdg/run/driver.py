@@ -1,12 +1,16 @@
 """Pretraining driver behind `scripts/pretrain.py`: config -> data, method, Trainer -> run directory.
 
-Run directory layout: config.yaml (resolved), checkpoints/{last.ckpt, epoch=XXXX.ckpt}, metrics.csv,
-summary.json. The science lives in `vdg.methods`; this module only wires, resumes and records.
+Run directory layout: config.yaml (resolved), .hydra/ (the command's Hydra record), checkpoints/{last.ckpt,
+epochNNNN.ckpt}, metrics.csv, summary.json, pretrain.log. The science lives in `vdg.methods`; this module only
+validates, wires, resumes and records. Everything a run needs is checked before the run directory is created or
+touched; one process at a time owns it (`vdg.run.rundir.RunDirLock`); a refused run leaves it as it was; every
+record is replaced atomically, never deleted first.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,20 +19,31 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities import rank_zero_only
 
 from vdg.data import PretrainDataModule
+from vdg.data.datasets import build_dataset
 from vdg.data.module import eval_loader
 from vdg.methods import METHODS, BaseMethod, build_method
 from vdg.methods.base import sync_batchnorm_scope
 from vdg.models import Branch
 from vdg.run.callbacks import FAULT_ENV, EpochTimer, FaultInjection, NonFiniteGuard, RNGState
-from vdg.run.checkpoint import CheckpointError, config_differences, read_checkpoint
-from vdg.run.checkpoint_io import AtomicCheckpointIO
+from vdg.run.checkpoint_io import AtomicCheckpointIO, StorageError, atomic_write_text, remove_orphans, storage_error
+from vdg.run.cli import Interrupted
 from vdg.run.config import ConfigError, validate_pretrain_config
-from vdg.run.logging import build_loggers
+from vdg.run.logging import build_loggers, check_logger
 from vdg.run.progress import progress_callbacks
+from vdg.run.resume import ExtendedSchedule, ResumePoint, find_resume_point
+from vdg.run.rundir import RunDirLock, check_writable, create_dirs, remove_created
 from vdg.run.student import resolve_student_widths, save_student_record
+
+log = logging.getLogger(__name__)
+
+
+class RunInterrupted(Interrupted):
+    """Training stopped on SIGINT/SIGTERM before max_epochs; the last checkpoint resumes it."""
+
 
 # Keys of `trainer:` that are vdg's own switches rather than Lightning Trainer arguments.
 VDG_TRAINER_KEYS = ("channels_last", "compile", "progress", "progress_every_n_steps", "sync_batchnorm")
@@ -56,34 +71,10 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The newest of checkpoints/last.ckpt and a SLURM-requeue hpc_ckpt_*.ckpt in the run directory.
-
-    resume=auto continues from it (after checking the config still describes the same experiment);
-    resume=never refuses to touch a run directory that already holds one.
-    """
-    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
-    if not candidates:
-        return None
-    newest = max(candidates, key=lambda p: p.stat().st_mtime)
-    if cfg.resume == "never":
-        raise ConfigError(
-            f"{newest} already exists and resume=never: refusing to overwrite a run; pass resume=auto to "
-            f"continue it or choose another run_dir"
-        )
-    saved = read_checkpoint(newest)["hyper_parameters"]["cfg"]
-    diffs = config_differences(saved, OmegaConf.to_container(cfg, resolve=True))
-    if diffs:
-        raise CheckpointError(
-            f"refusing to resume {newest}: the config changed in keys that define the experiment "
-            f"({'; '.join(diffs)}). Use another run_dir for a new experiment, or restore these values."
-        )
-    return newest
-
-
 def checkpoint_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[ModelCheckpoint]:
     every = int(cfg.checkpoint.every_n_epochs)
-    periodic = dict(filename="epoch={epoch:04d}", auto_insert_metric_name=False, save_top_k=-1)
+    # "epoch0009.ckpt": no "=", so the path is a plain Hydra value (ckpt=.../epoch0009.ckpt needs no quoting)
+    periodic = dict(filename="epoch{epoch:04d}", auto_insert_metric_name=False, save_top_k=-1)
     if every == 1:  # one callback can do both; two with the same period would clash in Lightning's state
         return [ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_epochs=1, **periodic)]
     return [
@@ -136,28 +127,135 @@ def _metric(metrics: dict[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def pretrain(cfg: DictConfig) -> dict[str, Any]:
-    """Train one method on one dataset (resuming its run directory when possible); returns the summary."""
-    validate_pretrain_config(cfg)
+def check_evaluation_data(cfg: DictConfig, evaluations: list[DictConfig]) -> None:
+    """The data every chained evaluation (final_knn, evaluate:) will read exists and fits its k, now.
+
+    A k-NN with k larger than its bank, or a transfer target missing on this machine, would otherwise fail
+    only after the whole pretraining.
+    """
+    from vdg.eval.protocols import check_eval_data
+
+    if cfg.final_knn.enabled:
+        bank = len(build_dataset(cfg.dataset, cfg.data, "train"))
+        if int(cfg.final_knn.k) > bank:
+            raise ConfigError(
+                f"final_knn.k={int(cfg.final_knn.k)} is larger than the k-NN bank: the {cfg.dataset.name} train "
+                f"split has {bank} images"
+            )
+    pretrain_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for i, eval_cfg in enumerate(evaluations):
+        try:
+            check_eval_data(eval_cfg, pretrain_cfg)
+        except ConfigError as err:
+            raise ConfigError(f"evaluate[{i}]: {err}") from err
+
+
+def check_trainer_settings(cfg: DictConfig) -> None:
+    """Build (and drop) a bare Trainer from the trainer: settings, so that a combination Lightning refuses (fsdp
+    on a CPU, a strategy the devices cannot run) fails now, in one line, not after the run directory is written."""
+    quiet = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the "GPU available: ..." lines come once, from the real Trainer
+    try:
+        kwargs = {**trainer_kwargs(cfg), "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+        pl.Trainer(**kwargs)
+    except (ValueError, TypeError) as err:  # Lightning's MisconfigurationException is a user error already
+        raise ConfigError(f"trainer settings refused by Lightning: {err}") from err
+    finally:
+        quiet.setLevel(level)
+
+
+def prepare(cfg: DictConfig) -> tuple[PretrainDataModule, list[DictConfig], dict[str, Any] | None]:
+    """Everything a run needs, checked before anything is created: config, teacher and student files, logger,
+    trainer, data, evaluations, run_dir. Returns the data module, the chained evaluations' configs and the slim
+    student's width record (None for other runs)."""
+    evaluations = validate_pretrain_config(cfg)
     # values read from files (a slim student's widths, a teacher's record) join the config before it is
     # compared with a resumed run's and saved
     METHODS[cfg.method.name].prepare_config(cfg)  # first: a missing teacher file is the likeliest gap
     student = resolve_student_widths(cfg)
-    run_dir = Path(cfg.run_dir)
-    checkpoint_dir = run_dir / "checkpoints"
-    ckpt_path = find_resume_checkpoint(cfg, run_dir)
-    resume_state = None
-    if ckpt_path is not None:
-        saved = read_checkpoint(ckpt_path)
-        resume_state = (int(saved["epoch"]) + 1, int(saved["global_step"]))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0:  # under torchrun/srun every process runs this function
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        if student is not None:
-            save_student_record(run_dir, student)
-
-    pl.seed_everything(int(cfg.seed), workers=True)
+    check_logger(cfg)
+    check_trainer_settings(cfg)
+    check_writable(cfg.run_dir, "run_dir")
     datamodule = PretrainDataModule(cfg)
+    datamodule.load_splits()
+    check_evaluation_data(cfg, evaluations)
+    return datamodule, evaluations, student
+
+
+def write_run_record(
+    cfg: DictConfig, run_dir: Path, hydra_files: dict[str, str] | None, student: dict[str, Any] | None
+) -> None:
+    """config.yaml (resolved), .hydra/*.yaml (the command as Hydra composed it) and a slim student's width
+    record, written atomically once the run is accepted: a refused run must not rewrite the record of the run
+    it refused to touch."""
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    for name, text in (hydra_files or {}).items():
+        atomic_write_text(run_dir / ".hydra" / name, text)
+    if student is not None:
+        save_student_record(run_dir, student)
+
+
+def _log_file(run_dir: Path) -> logging.Handler:
+    """Log records of the run (Lightning's and vdg's) also go to run_dir/pretrain.log, appended across resumes."""
+    handler = logging.FileHandler(run_dir / "pretrain.log", delay=True)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def pretrain(cfg: DictConfig, hydra_files: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train one method on one dataset (resuming its run directory when possible); returns the summary.
+
+    hydra_files: name -> YAML text of the command's Hydra record, written to run_dir/.hydra/ once the run is
+    accepted (scripts/pretrain.py passes them; Hydra itself writes nothing into the run directory).
+    """
+    try:
+        datamodule, evaluations, student = prepare(cfg)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted before training started; nothing was written") from None
+    run_dir = Path(cfg.run_dir)
+    if rank_zero_only.rank != 0:  # under torchrun/srun every process runs this; rank 0 owns the directory
+        return _train(cfg, run_dir, datamodule, evaluations, find_resume_point(cfg, run_dir))
+    created = create_dirs(run_dir)
+    lock = RunDirLock(run_dir)
+    try:
+        lock.acquire()
+    except BaseException:
+        remove_created(created)
+        raise
+    try:
+        resume = find_resume_point(cfg, run_dir)
+    except BaseException:
+        lock.release(restore=True)  # a refused run leaves the directory as it found it
+        remove_created(created)
+        raise
+    handler = None
+    try:
+        # nobody else writes here while we hold the lock: every temp file is an orphan of a killed write
+        for folder in (run_dir, run_dir / ".hydra", run_dir / "checkpoints"):
+            remove_orphans(folder, any_writer=True)
+        for folder in (run_dir / "checkpoints" / "export", run_dir / "checkpoints" / "results"):
+            remove_orphans(folder)  # exports and evaluations of this run's checkpoints may run beside it
+        write_run_record(cfg, run_dir, hydra_files, student)
+        handler = _log_file(run_dir)
+        return _train(cfg, run_dir, datamodule, evaluations, resume)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        lock.release()
+
+
+def _train(
+    cfg: DictConfig,
+    run_dir: Path,
+    datamodule: PretrainDataModule,
+    evaluations: list[DictConfig],
+    resume: ResumePoint | None,
+) -> dict[str, Any]:
+    checkpoint_dir = run_dir / "checkpoints"
+    pl.seed_everything(int(cfg.seed), workers=True)
     model = build_method(cfg)
     timer = EpochTimer()
     progress, show_progress_bar = progress_callbacks(cfg.trainer)
@@ -169,17 +267,41 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         LearningRateMonitor(logging_interval="epoch"),
         *progress,
     ]
+    if resume is not None and resume.extend:
+        callbacks.append(ExtendedSchedule())
     if os.environ.get(FAULT_ENV):
         callbacks.append(FaultInjection(int(os.environ[FAULT_ENV])))
+    resume_state = (resume.next_epoch, resume.global_step) if resume else (None, None)
     trainer = pl.Trainer(
         **{**trainer_kwargs(cfg), "enable_progress_bar": show_progress_bar},
         callbacks=callbacks,
-        logger=build_loggers(cfg, run_dir, *(resume_state or (None, None))),
+        logger=build_loggers(cfg, run_dir, *resume_state),
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
     )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    ckpt_path = resume.path if resume else None
+    fit(trainer, model, datamodule, ckpt_path)
 
+    try:
+        return after_training(cfg, run_dir, model, trainer, timer, ckpt_path, evaluations)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted after training; {checkpoint_dir / 'last.ckpt'} is complete. Rerun the same command to "
+            f"redo the export and evaluations (nothing is trained again)"
+        ) from None
+
+
+def after_training(
+    cfg: DictConfig,
+    run_dir: Path,
+    model: BaseMethod,
+    trainer: pl.Trainer,
+    timer: EpochTimer,
+    ckpt_path: Path | None,
+    evaluations: list[DictConfig],
+) -> dict[str, Any]:
+    """Summary, backbone exports, final k-NN and chained evaluations of a trained run; summary.json last."""
+    checkpoint_dir = run_dir / "checkpoints"
     summary = training_summary(cfg, model, trainer, timer, ckpt_path)
     if not trainer.is_global_zero:
         return summary
@@ -193,16 +315,45 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         }
     if cfg.final_knn.enabled:
         summary["knn"] = final_knn(model, cfg)
-    if cfg.evaluate:
-        from vdg.eval.api import evaluate_checkpoint
+    if evaluations:
+        from vdg.eval.protocols import run_evaluation
 
-        summary["evaluations"] = [
-            record
-            for spec in OmegaConf.to_container(cfg.evaluate, resolve=True)
-            for record in evaluate_checkpoint(checkpoint_dir / "last.ckpt", **spec)
-        ]
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["evaluations"] = []
+        for eval_cfg in evaluations:
+            eval_cfg = eval_cfg.copy()
+            eval_cfg.ckpt = str(checkpoint_dir / "last.ckpt")
+            summary["evaluations"].extend(run_evaluation(eval_cfg))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def fit(trainer: pl.Trainer, model: BaseMethod, datamodule: PretrainDataModule, ckpt_path: Path | None) -> None:
+    """trainer.fit, with the ways it can stop early made explicit: a signal (SIGINT, SIGTERM of a pre-empted
+    job) is a `RunInterrupted` naming the checkpoint to resume from, never a silent exit status 0; a full
+    disk or a read-only file system under Lightning's own writers is a one-line `StorageError`."""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SystemExit as err:  # Lightning turns SIGINT into sys.exit(1) and SIGTERM into SIGTERMException
+        sigterm = getattr(trainer, "received_sigterm", False)
+        if trainer.state.status == TrainerStatus.INTERRUPTED or sigterm:
+            raise interrupted(trainer, "SIGTERM" if sigterm else "SIGINT") from err
+        raise
+    except OSError as err:
+        problem = storage_error(getattr(err, "filename", None) or trainer.default_root_dir, err)
+        if problem is not None and not isinstance(err, StorageError):
+            raise problem from err
+        raise
+    if trainer.state.status == TrainerStatus.INTERRUPTED or getattr(trainer, "received_sigterm", False):
+        raise interrupted(trainer, "a signal")
+
+
+def interrupted(trainer: pl.Trainer, what: str) -> RunInterrupted:
+    last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    where = f"{last} holds the last completed epoch" if last.exists() else "no checkpoint was written yet"
+    return RunInterrupted(
+        f"training stopped by {what} at epoch {trainer.current_epoch}, step {trainer.global_step}, before "
+        f"trainer.max_epochs={trainer.max_epochs}: {where}; rerun the same command to resume"
+    )
 
 
 def training_summary(
@@ -218,8 +369,11 @@ def training_summary(
     resumed_from = str(Path(ckpt_path).resolve()) if ckpt_path else None
     previous = run_dir / "summary.json"
     if ckpt_path is not None and not timer.durations and previous.exists():
-        kept = {k: v for k, v in json.loads(previous.read_text()).items() if k not in ("knn", "evaluations")}
-        return {**kept, "resumed_from": resumed_from}
+        try:
+            kept = {k: v for k, v in json.loads(previous.read_text()).items() if k not in ("knn", "evaluations")}
+            return {**kept, "resumed_from": resumed_from}
+        except (OSError, ValueError, AttributeError) as err:  # unreadable: recompute what the trainer knows
+            log.warning("ignoring the unreadable %s (%s)", previous, err)
     metrics = dict(trainer.callback_metrics.items())
     ratio = _metric(metrics, "val/flops_ratio")
     return {

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import logging
 import secrets
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
+from vdg.run.checkpoint_io import atomic_write_text
 from vdg.run.config import ConfigError
 
 LOGGERS = ("csv", "wandb", "tensorboard")
@@ -24,37 +29,78 @@ WANDB_MODES = ("offline", "online", "disabled")
 WANDB_ID_FILE = "wandb_run_id.txt"  # in the run directory: a resumed run logs into the same wandb run
 
 
+def read_metrics(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and complete rows of a metrics.csv; a row cut short by a kill or a full disk is dropped."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if None not in r and None not in r.values()]
+        return list(reader.fieldnames or []), rows
+
+
+def csv_text(header: list[str], rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=header, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+class KeepingExperimentWriter(ExperimentWriter):
+    """Lightning's metrics.csv writer, except that it never deletes or truncates the file in place.
+
+    Lightning deletes an existing metrics.csv when the writer starts and rewrites it in place when a new column
+    appears: a kill or a full disk at those moments would lose the history of a run. Here the file is
+    replaced atomically instead: at start by the rows `keep(row)` accepts (the epochs a resumed run keeps),
+    later by the same rows under a wider header. New rows are appended as Lightning does.
+    """
+
+    def __init__(self, log_dir: str, keep: Callable[[dict[str, str]], bool]) -> None:
+        self._keep = keep  # read by _check_log_dir_exists, which the base __init__ calls
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        header, rows = read_metrics(path)
+        atomic_write_text(path, csv_text(header, [r for r in rows if self._keep(r)]))
+        self.metrics_keys = list(header)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        _, rows = read_metrics(path)
+        atomic_write_text(path, csv_text(list(fieldnames), rows))
+
+
 class ResumableCSVLogger(CSVLogger):
     """CSVLogger writing run_dir/metrics.csv that, on resume, keeps the rows of the epochs already done.
 
-    Lightning's CSV writer deletes an existing metrics.csv; the rows from before the resumed epoch are read
-    first and written back ahead of the new ones, so one file holds the whole run.
+    The rows from before the resumed epoch (or step, for rows without an epoch) are kept and the rows of the
+    interrupted epoch dropped (it is trained again); a fresh run starts from an empty file. At no moment is the
+    file missing or half-written (`KeepingExperimentWriter`).
     """
 
     def __init__(self, run_dir: Path, resume_epoch: int | None, resume_step: int | None) -> None:
-        self._carry: list[dict[str, str]] = []
-        path = run_dir / "metrics.csv"
-        if resume_epoch is not None and path.exists():
-            with open(path, newline="") as f:
-                for row in csv.DictReader(f):
-                    epoch, step = row.get("epoch") or "", row.get("step") or ""
-                    keep = float(epoch) < resume_epoch if epoch else (step != "" and float(step) < resume_step)
-                    if keep:
-                        self._carry.append(row)
         super().__init__(save_dir=str(run_dir), name="", version="")
+        self._resume = (resume_epoch, resume_step)
+
+    def _keeps(self, row: dict[str, str]) -> bool:
+        resume_epoch, resume_step = self._resume
+        if resume_epoch is None:
+            return False
+        epoch, step = row.get("epoch") or "", row.get("step") or ""
+        try:
+            return float(epoch) < resume_epoch if epoch else (step != "" and float(step) < resume_step)
+        except ValueError:  # a mangled cell: the row is not a record worth keeping
+            return False
 
     @property
-    def experiment(self):  # noqa: ANN201 - lightning's ExperimentWriter
-        with warnings.catch_warnings():
-            # Lightning warns "previous log files in this directory will be deleted" whenever the folder is not
-            # empty, and the run directory never is (config.yaml, checkpoints). Its writer replaces one file,
-            # metrics.csv, whose earlier rows this class carries over below: nothing is lost.
-            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-            writer = super().experiment
-        if self._carry:
-            writer.metrics[:0] = [{k: v for k, v in row.items() if v != ""} for row in self._carry]
-            self._carry = []
-        return writer
+    @rank_zero_experiment
+    def experiment(self) -> KeepingExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = KeepingExperimentWriter(self.log_dir, self._keeps)
+        return self._experiment
 
 
 class FinishingWandbLogger(WandbLogger):
@@ -89,8 +135,7 @@ def wandb_run_id(run_dir: Path) -> str:
         return path.read_text().strip()
     run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f]: a valid wandb run id
     if rank_zero_only.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
+        atomic_write_text(path, run_id + "\n")
     return run_id
 
 
@@ -119,6 +164,22 @@ def tensorboard_logger(run_dir: Path) -> TensorBoardLogger:
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
         _require_package("tensorboard", "tensorboard", "tensorboard")
     return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+
+
+def check_logger(cfg: Any) -> None:
+    """The `logger:` choice is known and usable here (its package installed, a known wandb mode): checked
+    before the run directory is touched, so a missing package never leaves a half-started run."""
+    name = str((cfg.get("logger") or {}).get("name", "csv"))
+    if name not in LOGGERS:
+        raise ConfigError(f"unknown logger {name!r}; allowed values: {list(LOGGERS)}")
+    if name == "wandb":
+        mode = str(cfg.logger.wandb.mode)
+        if mode not in WANDB_MODES:
+            raise ConfigError(f"unknown logger.wandb.mode {mode!r}; allowed values: {list(WANDB_MODES)}")
+        _require_package("wandb", "wandb", "wandb")
+    elif name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        if importlib.util.find_spec("tensorboardX") is None:
+            _require_package("tensorboard", "tensorboard", "tensorboard")
 
 
 def build_loggers(
