@@ -155,7 +155,7 @@ def test_resume_refuses_another_teacher_file_and_accepts_the_same(tmp_path):
     with pytest.raises(CheckpointError, match=r"teacher\.sha256"):
         pretrain(tiny(run, *overrides, "trainer.max_epochs=2"))
     teacher.write_bytes(original)
-    assert pretrain(tiny(run, *overrides, "trainer.max_epochs=2"))["epochs"] == 2
+    assert pretrain(tiny(run, *overrides, "trainer.max_epochs=2", "resume=extend"))["epochs"] == 2
 
 
 def test_runs_saved_before_the_teacher_keys_existed_still_resume():
