@@ -145,7 +145,8 @@ def test_only_training_batches_are_augmented(tiny_cfg) -> None:
 
 def test_gpu_backend_decodes_a_folder_once(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "data", {"train": {"a": 5, "b": 4}, "test": {"a": 1, "b": 1}}, size=(40, 36))
-    overrides = ["data.backend=gpu", "dataset=folder", f"data.root={root}", "data.batch_size=4", "data.num_workers=0"]
+    overrides = ["data.backend=gpu", "dataset=folder", f"data.root={root}", "dataset.num_classes=2",
+                 "data.batch_size=4", "data.num_workers=0"]
     module = gpu_module(compose_config([*overrides, f"data.cache_dir={tmp_path / 'cache'}"]))
     images, labels = next(iter(module.train_dataloader()))
     assert images.shape == (4, 3, 32, 32) and len(module.train_dataloader()) == 2
