@@ -999,7 +999,11 @@ def _(ctx: Context) -> Verdict:
 @case("9 tracebacks", "a read-only run directory (permissions, non-root user)")
 def _(ctx: Context) -> Verdict:
     user = 65534 if os.geteuid() == 0 else None  # root ignores permission bits: run as nobody
-    if user is not None and ctx.run("-c", "import vdg", user=user).rc != 0:
+    try:
+        usable = user is None or ctx.run("-c", "import vdg", user=user).rc == 0
+    except OSError:  # the interpreter itself is not executable for that user
+        usable = False
+    if not usable:
         return Verdict("skip", "user nobody cannot run this Python or read the checkout")
     run_dir = ctx.copy("unfinished", "ro-perm")
     for path in [run_dir, *run_dir.rglob("*")]:
