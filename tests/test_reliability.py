@@ -533,3 +533,29 @@ def test_without_fcntl_locks_an_earlier_attempt_of_a_requeued_slurm_job_is_taken
     lock.write_text(json.dumps({"pid": 7, "host": "node-1", "slurm_job_id": "41", "slurm_restart_count": "0"}))
     with pytest.raises(RunDirError, match=r"in use by pid 7 on host node-1 \(SLURM job 41\)"):
         RunDirLock(tmp_path).acquire()
+
+
+def test_nested_images_symlink_loops_image_size_and_a_corrupt_decode_cache(tmp_path):
+    from vdg.data.datasets import DatasetError, ImageFolderDataset, decode_folder
+    from vdg.run.driver import prepare
+
+    root = image_folder(tmp_path / "data", {"train": {"a": 2, "b": 2, "c": 2}, "test": {"a": 1, "b": 1, "c": 1}})
+    nested = root / "train" / "a" / "more"
+    nested.mkdir()
+    (nested / "x.png").write_bytes((root / "train" / "a" / "0.png").read_bytes())
+    assert len(ImageFolderDataset(root, "train")) == 7  # sub-folders of a class count, as torchvision's
+    (nested / "loop").symlink_to(root / "train" / "a", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"symlink loop: .*loop leads back to"):
+        ImageFolderDataset(root, "train")
+    (nested / "loop").unlink()
+    cfg = compose_config([*(o for o in TINY if not o.startswith("dataset")), "dataset=folder", f"data.root={root}",
+                          "dataset.num_classes=3", "data.batch_size=2", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(DatasetError, match=r"0.png is 8x8 but dataset.image_size=32 and dataset.eval_resize=null"):
+        prepare(cfg)
+    cache = tmp_path / "cache"
+    decode_folder(ImageFolderDataset(root, "train"), 8, cache_dir=cache)
+    (written,) = cache.iterdir()
+    written.write_bytes(written.read_bytes()[:100])  # a truncated cache (a killed copy, a full disk elsewhere)
+    with pytest.warns(UserWarning, match="ignoring the unreadable decode cache"):
+        decoded = decode_folder(ImageFolderDataset(root, "train"), 8, cache_dir=cache)
+    assert decoded.images.shape == (7, 3, 8, 8)
