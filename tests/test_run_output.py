@@ -120,7 +120,7 @@ def test_pretrain_prints_a_summary_and_no_known_noise(tmp_path, monkeypatch, cap
         warnings.simplefilter("always")
         run_pretrain_script(*args)
         first = capsys.readouterr().out
-        run_pretrain_script(*args, "trainer.max_epochs=2", "json=true")  # resumes: one more epoch
+        run_pretrain_script(*args, "trainer.max_epochs=2", "resume=extend", "json=true")  # one more epoch
         second = capsys.readouterr().out
     # warnings, log records, and what Hydra's console handler printed
     messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records] + [first, second]

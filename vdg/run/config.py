@@ -369,7 +369,9 @@ def check_run(cfg: DictConfig) -> None:
     check_choice("resume", cfg.resume, RESUME_MODES)
     check_bool("dry_run", cfg.get("dry_run", False))
     check_bool("json", cfg.get("json", False))
-    check_bool("probe.enabled", cfg.probe.enabled)
+    for key in ("enabled", "batchnorm"):
+        if key in cfg.probe:
+            check_bool(f"probe.{key}", cfg.probe[key])
     check_int("checkpoint.every_n_epochs", cfg.checkpoint.every_n_epochs, 1)
     check_bool("checkpoint.export_backbone", cfg.checkpoint.get("export_backbone", True))
     check_int("guard.check_every_n_steps", cfg.guard.check_every_n_steps, 1)
