@@ -71,8 +71,9 @@ def test_checkpoint_masks_are_labelled_and_timed(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.ckpt", "backbone.gate_bias_init=0.5")
     setup = checkpoint_setup(ckpt, None, num_images=4)
     assert setup.masks == "checkpoint" and setup.images.shape == (4, 3, 32, 32)
-    result = measure(setup, 1, 1, rounds=1, warmup=0, executions=("dense", "sparse"))
+    result = measure(setup, 2, 1, rounds=1, warmup=0, plan="sample", executions=("dense", "sparse"))
     assert result["masks"] == "checkpoint" and result["setup_dense_weights"] == "checkpoint"
+    assert result["plan"] == ["sample"] * 8 and result["plan_choice"] == "sample"
     assert result["max_rel_diff"] <= 1e-4 and "masked_ms" not in result and result["latency_ratio"] > 0
     gated_only = write_checkpoint(tmp_path / "g.ckpt", "method=vicreg_gating")
     assert checkpoint_setup(gated_only, None, 2).notes["dense_weights"].startswith("random")
@@ -94,6 +95,7 @@ def test_bench_script_prints_json_and_appends_a_row(tmp_path, capsys):
         ("calibration.density=[0.3,0.2]", "one number in [0, 1] or 8 of them"),
         ("model.stem=vit", "model.stem='vit'; allowed values: ['cifar', 'imagenet']"),
         ("device=tpu", "device='tpu': allowed values"),
+        ("plan=fast", "plan='fast'; allowed values: ['default', 'tune', 'sample', 'masked']"),
         ("ckpt=/no/such.ckpt", "checkpoint not found"),
     ],
 )

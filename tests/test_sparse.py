@@ -113,11 +113,13 @@ def test_fold_batchnorm_and_patches():
     weight, bias = fold_batchnorm(conv, bn)
     with torch.no_grad():
         assert torch.allclose(F.conv2d(x, weight, bias, 1, 1), bn(conv(x)), atol=1e-5)
-    for stride in (1, 2):
-        cols, ho, wo = im2col_hwc(x.permute(0, 2, 3, 1).contiguous(), stride, Workspace(), "x")
-        unfold = F.unfold(x, 3, padding=1, stride=stride)  # [N, (c, kh, kw), L]
-        expected = unfold.view(2, 3, 9, ho * wo).permute(0, 3, 2, 1).reshape(2 * ho * wo, 27)  # (kh, kw, c)
-        assert torch.equal(cols, expected)
+    workspace = Workspace()  # shared by calls with 3 and 2 channels, as the per-sample path shares it
+    for stride, channels in ((1, 3), (2, 3), (1, 2), (2, 2)):
+        images = x[:, :channels]
+        cols, ho, wo = im2col_hwc(images.permute(0, 2, 3, 1).contiguous(), stride, workspace, "x", max_channels=3)
+        unfold = F.unfold(images, 3, padding=1, stride=stride)  # [N, (c, kh, kw), L]
+        expected = unfold.view(2, channels, 9, ho * wo).permute(0, 3, 2, 1).reshape(2 * ho * wo, 9 * channels)
+        assert torch.equal(cols, expected)  # columns (kh, kw, c), zero padding
 
 
 def test_compacted_network_equals_the_gated_network_on_the_profiled_data():

@@ -24,6 +24,7 @@ from vdg.models import Branch, GatedResNet, network_cost
 
 # Executions timed, in this order within a round (rotated every round): the fast engines, then the eager modules.
 EXECUTIONS = ("dense", "masked", "sparse", "slim", "dense_eager", "masked_eager", "slim_eager")
+PLANS = ("default", "tune", "sample", "masked")  # how the sparse execution picks each block's path
 
 
 @dataclass
@@ -220,7 +221,7 @@ def measure(
     rounds: int = 15,
     warmup: int = 2,
     device: str = "cpu",
-    tune: bool = False,
+    plan: str = "default",
     executions: Sequence[str] = EXECUTIONS,
 ) -> dict[str, Any]:
     """Time every execution on `setup.images` in batches of `batch_size`; one JSON-ready dict.
@@ -230,7 +231,11 @@ def measure(
     Ratios (`latency_ratio` = sparse / dense, `slim_ratio`, `masked_ratio`, `*_eager` against the eager dense
     module) are medians of the per-round ratios, which machine load drifting between rounds cannot bias; on a
     quiet machine they equal the ratios of the medians.
+    plan: the sparse execution's block paths: "default" (`vdg.deploy.sparse.default_path`), "tune"
+    (`FoldedResNet.tune` on the first batch), "sample" or "masked" (every block).
     """
+    if plan not in PLANS:
+        raise ValueError(f"unknown plan={plan!r}; allowed values: {list(PLANS)}")
     if batch_size < 1 or threads < 1 or rounds < 1:
         raise ValueError(f"batch_size={batch_size}, threads={threads}, rounds={rounds} must be >= 1")
     torch.set_num_threads(threads)
@@ -252,9 +257,11 @@ def measure(
     sparse = FoldedResNet(gated, Branch.GATED).to(dev)
     folded_slim = FoldedResNet(slim, Branch.DENSE).to(dev)
     inputs = [b.to(dev) for b in batches(setup.images, batch_size)]
-    if tune:
+    if plan == "tune":
         sparse.tune(inputs[0])
-    plan = [p.value for p in sparse.paths(batch_size, dev)]
+    elif plan != "default":
+        sparse.set_plan(batch_size, [plan] * len(gated.blocks))
+    paths = [p.value for p in sparse.paths(batch_size, dev)]
 
     with torch.inference_mode():
         outputs = torch.cat([sparse(b) for b in inputs])
@@ -318,8 +325,8 @@ def measure(
             "image_size": image_size,
             "images": len(setup.images),
             "rounds": rounds,
-            "plan": plan,
-            "tuned": tune,
+            "plan": paths,
+            "plan_choice": plan,
             "density_per_block": cost.channel_density(active).tolist(),
             "slim_widths": widths,
             "distinct_mask_fraction": distinct_mask_fraction(masks),
@@ -394,7 +401,7 @@ def append_row(result: Mapping[str, Any], path: str | Path) -> Path:
         _fmt(result.get("dense_eager_ms"), 2),
         _fmt(result.get("latency_ratio_eager")),
         f"{result['max_rel_diff']:.1e}",
-        plan_text + (" (tuned)" if result.get("tuned") else ""),
+        plan_text + ("" if result.get("plan_choice", "default") == "default" else f" ({result['plan_choice']})"),
         load,
     ]
     with path.open("a") as f:
@@ -421,6 +428,8 @@ def run_benchmark(cfg: Any) -> dict[str, Any]:
         raise ConfigError(f"device={cfg.device!r}: allowed values are 'cpu' and, on a machine with a GPU, 'cuda'")
     if isinstance(cfg.warmup, bool) or not isinstance(cfg.warmup, int) or cfg.warmup < 0:
         raise ConfigError(f"warmup={cfg.warmup!r} must be an integer >= 0")
+    if cfg.plan not in PLANS:
+        raise ConfigError(f"plan={cfg.plan!r}; allowed values: {list(PLANS)}")
     executions = list(cfg.executions)
     unknown = [e for e in executions if e not in EXECUTIONS]
     if unknown or "dense" not in executions:
@@ -437,7 +446,7 @@ def run_benchmark(cfg: Any) -> dict[str, Any]:
         rounds=int(cfg.rounds),
         warmup=int(cfg.warmup),
         device=str(cfg.device),
-        tune=bool(cfg.tune),
+        plan=str(cfg.plan),
         executions=executions,
     )
 

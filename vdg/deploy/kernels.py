@@ -110,6 +110,7 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
+        self._bordered: dict[tuple[str, tuple[int, ...]], Tensor] = {}
 
     def get(self, name: str, numel: int, like: Tensor) -> Tensor:
         """A flat buffer of at least `numel` elements (contents undefined), reused by later calls with `name`."""
@@ -119,18 +120,33 @@ class Workspace:
             self._buffers[name] = buf
         return buf[:numel]
 
+    def zero_bordered(self, name: str, shape: tuple[int, int, int, int], like: Tensor) -> Tensor:
+        """A [M, H + 2, W + 2, C] buffer whose one-pixel border is zero, made once per shape: callers write only
+        the interior, so the border never needs clearing again."""
+        key = (name, shape)
+        buf = self._bordered.get(key)
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device:
+            if len(self._bordered) >= 32:  # group sizes vary with the batch; keep the memory bounded
+                self._bordered.clear()
+            buf = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self._bordered[key] = buf
+        return buf
+
     def clear(self) -> None:
         self._buffers.clear()
+        self._bordered.clear()
 
 
-def im2col_hwc(x: Tensor, stride: int, workspace: Workspace, name: str) -> tuple[Tensor, int, int]:
+def im2col_hwc(
+    x: Tensor, stride: int, workspace: Workspace, name: str, max_channels: int | None = None
+) -> tuple[Tensor, int, int]:
     """3x3 patches (padding 1) of images x [M, H, W, C] as a matrix [M * Ho * Wo, 9 * C], columns (kh, kw, c).
 
-    Written into workspace buffers: the zero-padded copy of x, then the patch matrix. Returns (cols, Ho, Wo).
+    Written into workspace buffers: x into the interior of a zero-bordered copy (sized for `max_channels`, so
+    that calls with different C share it), then the patch matrix. Returns (cols, Ho, Wo).
     """
     m, h, w, c = x.shape
-    padded = workspace.get(name + ".pad", m * (h + 2) * (w + 2) * c, x).view(m, h + 2, w + 2, c)
-    padded.zero_()  # the border; cheaper than tracking which layout (C differs per call) last used the buffer
+    padded = workspace.zero_bordered(name, (m, h + 2, w + 2, max_channels or c), x)[..., :c]
     padded[:, 1 : h + 1, 1 : w + 1].copy_(x)
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     s0, s1, s2, s3 = padded.stride()

@@ -134,7 +134,7 @@ class FoldedBlock:
             return out.permute(0, 2, 3, 1).reshape(m * ho * wo, self.planes)
         cols, _, _ = im2col_hwc(x, self.stride, ws, "x")
         mid = linear(cols, w1, b1, relu=True)  # [M * Ho * Wo, k]
-        cols2, _, _ = im2col_hwc(mid.view(m, ho, wo, k), 1, ws, "mid")
+        cols2, _, _ = im2col_hwc(mid.view(m, ho, wo, k), 1, ws, "mid", max_channels=self.mid)
         return linear(cols2, w2.view(9 * k, -1).t(), self.b2, relu=True, residual=self._shortcut_rows(x))
 
     def _shortcut_rows(self, x: Tensor) -> Tensor:
