@@ -82,12 +82,12 @@ def test_tune_measures_a_path_per_block_and_keeps_it_for_that_batch_size():
     x = torch.randn(2, 3, 32, 32)
     chosen = engine.tune(x, repeats=1)
     assert len(chosen) == 8 and all(isinstance(p, BlockPath) for p in chosen)
-    assert engine.paths(2, x.device) == chosen
+    assert engine.paths(2, 32) == chosen
     with torch.no_grad():
         assert relative_difference(engine(x), net(x, Branch.GATED).features) <= 1e-4
     with pytest.raises(ValueError, match="one path per block"):
         engine.set_plan(4, ["sample"])
-    assert FoldedResNet(net, Branch.GATED, skip_inactive=False).paths(1, x.device) == MASKED
+    assert FoldedResNet(net, Branch.GATED, skip_inactive=False).paths(1, 32) == MASKED
 
 
 def test_folded_engine_is_for_inference_only():
@@ -174,3 +174,15 @@ def test_calibrated_gates_reproduce_the_density_with_masks_that_differ_between_s
     assert all(abs(m.mean().item() - 0.3) < 0.1 for m in unseen[1:])
     with pytest.raises(ValueError, match="gate_bias_init=0.0"):
         calibrate_gates(GatedResNet(width=4).eval(), calibration[:4], [0.3] * 8)
+
+
+def test_default_paths_follow_the_measured_rule():
+    wide = FoldedResNet(GatedResNet(width=64, branches=("gated",)).eval(), Branch.GATED)
+    assert wide.block_pixels(32) == [34 * 34] * 2 + [17 * 17] * 2 + [9 * 9] * 2 + [5 * 5] * 2
+    assert wide.paths(1, 32) == SAMPLE  # batch 1: per sample everywhere
+    assert wide.paths(64, 32) == [BlockPath.SAMPLE] * 6 + [BlockPath.MASKED] * 2  # 5 x 5 maps: batch the weights
+    wide.set_plan(64, MASKED)
+    assert wide.paths(64, 32) == MASKED and wide.paths(2, 32)[0] is BlockPath.SAMPLE  # a plan is per batch size
+    small = FoldedResNet(GatedResNet(width=8, branches=("gated",)).eval(), Branch.GATED)
+    assert small.paths(1, 32) == MASKED  # blocks too small for the per-sample call's fixed cost
+    assert FoldedResNet(GatedResNet(width=64, stem="imagenet").eval(), Branch.GATED).block_pixels(224)[-1] == 49

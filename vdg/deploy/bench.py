@@ -261,7 +261,7 @@ def measure(
         sparse.tune(inputs[0])
     elif plan != "default":
         sparse.set_plan(batch_size, [plan] * len(gated.blocks))
-    paths = [p.value for p in sparse.paths(batch_size, dev)]
+    paths = [p.value for p in sparse.paths(batch_size, image_size)]
 
     with torch.inference_mode():
         outputs = torch.cat([sparse(b) for b in inputs])

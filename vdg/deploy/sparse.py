@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from vdg.deploy.kernels import FoldedConv, Workspace, fold_batchnorm, im2col_hwc, linear, onednn_ops_available
 from vdg.models import BackboneOutput, Branch, BranchNorm, GatedBasicBlock, GatedResNet
+from vdg.models.flops import conv_out
 
 
 class BlockPath(str, Enum):
@@ -70,7 +71,7 @@ class FoldedBlock:
 
     def __init__(self, block: GatedBasicBlock, branch: Branch, gated: bool) -> None:
         self.stride = block.stride
-        self.mid, self.planes = block.mid_planes, block.planes
+        self.in_planes, self.mid, self.planes = block.in_planes, block.mid_planes, block.planes
         w1, b1 = fold_batchnorm(block.conv1, branch_norm(block.bn1, branch))
         w2, b2 = fold_batchnorm(block.conv2, branch_norm(block.bn2, branch))
         self.conv1 = FoldedConv(w1, b1, block.stride, 1)
@@ -170,23 +171,43 @@ class FoldedBlock:
         return self.masked(x, mask), mask
 
 
-def default_path(block_index: int, batch_size: int, device: torch.device) -> BlockPath:
-    """The block path used unless `FoldedResNet.tune` measured better: see DEFAULT_SAMPLE_MAX_BATCH."""
-    if not onednn_ops_available(device):
-        return BlockPath.MASKED  # GPUs and CPUs without oneDNN: per-sample kernels would be launch-bound
-    return BlockPath.SAMPLE if batch_size <= DEFAULT_SAMPLE_MAX_BATCH else BlockPath.MASKED
+def default_path(block: FoldedBlock, batch_size: int, pixels: int, device: torch.device) -> BlockPath:
+    """The path of a gated block for a batch of `batch_size` whose output maps have `pixels` pixels, unless a plan
+    (`FoldedResNet.tune`) says otherwise. Which path wins where (docs/deploy.md has the timings):
 
+    - no oneDNN (GPUs, CPU builds without MKLDNN): masked; per-sample kernels there would be launch-bound;
+    - blocks under `SAMPLE_MIN_MACS` per sample (e.g. every block of a width-8 network): masked; the per-sample
+      path's fixed cost per call (gathers, a dozen small ops) exceeds what skipping channels saves;
+    - batch 1: per-sample, in every block (it reads only the active weights; the dense kernels read all);
+    - larger batches: per-sample where the output map has at least `SAMPLE_MIN_PIXELS_BATCHED` pixels, masked in
+      smaller ones. A 3x3 conv does (pixels) MACs per weight it reads: with few pixels (the last stage, 5 x 5 at
+      CIFAR size) the per-sample path's gather of the weights for every sample costs more than the saved MACs,
+      while the masked path's prepacked weights serve the whole batch.
+    """
+    if block.gate is None or not onednn_ops_available(device):
+        return BlockPath.MASKED
+    if pixels * 9 * block.mid * (block.in_planes + block.planes) < SAMPLE_MIN_MACS:
+        return BlockPath.MASKED
+    if batch_size == 1 or pixels >= SAMPLE_MIN_PIXELS_BATCHED:
+        return BlockPath.SAMPLE
+    return BlockPath.MASKED
+
+
+# Per-sample MACs of a block below which its masked path is the default: the per-sample path costs ~0.14 ms per
+# block and call more than its MACs (measured on the width-8 quickstart, 1 thread), worth ~16M MACs at the speed
+# of these kernels when two thirds of the channels are skipped. Width-64 ResNet-18 blocks: 85M to 120M MACs.
+SAMPLE_MIN_MACS = 16_000_000
+
+# Output maps of at least this many pixels keep the per-sample path at batch sizes above 1. Per-block timings
+# (width 64, CIFAR input, calibrated masks at density 0.33, 1 thread, 2-core AMD EPYC shared with other jobs):
+# sample / masked time was 0.60-0.93 in every block at batch 1; at batches 2-64 it stayed 0.71-1.01 in the
+# blocks with 34 x 34, 17 x 17 and 9 x 9 maps and rose to 1.06-1.48 in the two 5 x 5 blocks.
+SAMPLE_MIN_PIXELS_BATCHED = 64
 
 # Output maps of at least this many pixels (34 x 34 = 1156 in a CIFAR ResNet-18's first stage) run the per-sample
 # path as gathered convolutions; smaller ones (17 x 17 = 289 and below) as patches + matmul, which won there
 # (per-block timings, 1 thread, width 64, 2-core AMD EPYC; see docs/deploy.md).
 CONV_KERNEL_MIN_PIXELS = 512
-
-# Largest batch for which the per-sample path is the default, on CPUs with oneDNN. Measured with
-# scripts/bench_inference.py (width-64 CIFAR ResNet-18, calibrated masks at t_d = 0.3, 2 threads): see
-# benchmarks/inference.md. Above it the masked-dense path, whose prepacked convolutions amortise over the batch,
-# wins; `FoldedResNet.tune` measures the crossover on the machine at hand instead.
-DEFAULT_SAMPLE_MAX_BATCH = 1
 
 
 class FoldedResNet(nn.Module):
@@ -195,7 +216,8 @@ class FoldedResNet(nn.Module):
     forward(x [N, 3, H, W]) -> features [N, feature_dim]; `encode(x)` -> `BackboneOutput` with the gated
     branch's masks. Gated blocks run `BlockPath.SAMPLE` or `BlockPath.MASKED` per block and batch size, as
     `plan` says (a mapping {batch_size: [path per block]}) or, for batch sizes it does not list, `default_path`.
-    `tune(x)` measures both paths per block on this machine and fills `plan`.
+    `tune(x)` measures both paths per block on this machine and fills `plan`. skip_inactive=False: every block
+    masked (the "folded" execution of `load_backbone`). Outputs are inference tensors (`torch.inference_mode`).
     The weights are copied from `encoder` when built: later changes to the encoder are not seen.
     """
 
@@ -215,6 +237,8 @@ class FoldedResNet(nn.Module):
         self.feature_dim = encoder.feature_dim
         self.config = dict(config or {})
         self.stem_kind = encoder.stem_kind
+        conv = encoder.conv1
+        self.stem_geometry = (conv.kernel_size[0], conv.stride[0], conv.padding[0])
         w, b = fold_batchnorm(encoder.conv1, branch_norm(encoder.bn1, self.branch))
         self.stem = FoldedConv(w, b, encoder.conv1.stride[0], encoder.conv1.padding[0])
         gated = self.branch is Branch.GATED
@@ -222,7 +246,7 @@ class FoldedResNet(nn.Module):
         self.plan: dict[int, list[BlockPath]] = {}
         for batch_size, paths in (plan or {}).items():
             self.set_plan(int(batch_size), paths)
-        self.device = torch.device("cpu")
+        self.device = encoder.conv1.weight.device  # where the folded weights were made
         self.eval()
 
     @property
@@ -234,13 +258,26 @@ class FoldedResNet(nn.Module):
             raise ValueError(f"a plan needs one path per block ({len(self.blocks)}), got {len(paths)}")
         self.plan[batch_size] = [BlockPath(p) for p in paths]
 
-    def paths(self, batch_size: int, device: torch.device) -> list[BlockPath]:
-        """The path of every block for a batch of `batch_size` on `device`: the plan's, else `default_path`."""
+    def block_pixels(self, image_size: int) -> list[int]:
+        """Output pixels of every block for a square input of `image_size` pixels."""
+        kernel, stride, padding = self.stem_geometry
+        size = conv_out(image_size, kernel, stride, padding)
+        if self.stem_kind == "imagenet":
+            size = conv_out(size, 3, 2, 1)
+        pixels = []
+        for block in self.blocks:
+            size = conv_out(size, 3, block.stride, 1)
+            pixels.append(size * size)
+        return pixels
+
+    def paths(self, batch_size: int, image_size: int) -> list[BlockPath]:
+        """The path of every block for a batch of `batch_size` square images: the plan's, else `default_path`."""
         if not self.skip_inactive:
             return [BlockPath.MASKED] * len(self.blocks)
         if batch_size in self.plan:
             return self.plan[batch_size]
-        return [default_path(i, batch_size, device) for i in range(len(self.blocks))]
+        pixels = self.block_pixels(image_size)
+        return [default_path(b, batch_size, p, self.device) for b, p in zip(self.blocks, pixels, strict=True)]
 
     def to(self, *args: Any, **kwargs: Any) -> FoldedResNet:  # noqa: D102 - the folded weights are not parameters
         device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
@@ -262,11 +299,13 @@ class FoldedResNet(nn.Module):
     def encode(self, x: Tensor, paths: Sequence[BlockPath] | None = None) -> BackboneOutput:
         if x.device != self.device:
             raise ValueError(f"input on {x.device}, engine on {self.device}: call .to({str(x.device)!r})")
+        if x.ndim != 4 or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"FoldedResNet takes square images [N, 3, H, H], got {list(x.shape)}")
+        paths = paths or self.paths(x.shape[0], x.shape[-1])
         x = x.float().contiguous(memory_format=torch.channels_last)
         x = self.stem(x, relu=True)
         if self.stem_kind == "imagenet":
             x = F.max_pool2d(x, 3, 2, 1)
-        paths = paths or self.paths(x.shape[0], x.device)
         masks = []
         for block, path in zip(self.blocks, paths, strict=True):
             x, mask = block.forward(x, path)
