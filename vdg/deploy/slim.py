@@ -1,8 +1,10 @@
-"""Channel-usage profiles of a gated network's policy, and slim dense ResNet-18s whose widths follow it.
+"""Channel-usage profiles of a gated network's policy, slim dense ResNet-18s whose widths follow it, and the
+compacted gated network without the channels the policy never uses.
 
 The paper's Table 3 students are "sampled from R18's subspace with the number of filters for each basic block
 derived from our gating network": `slim_widths(profile)` gives those per-block conv1 widths and `slim_resnet`
-builds the (untrained) student. Profiles are measured here; nothing in this module trains.
+builds the (untrained) student. `compact_gated` removes never-active channels from the trained gated network
+and ungates always-active ones. Profiles are measured here; nothing in this module trains.
 """
 
 from __future__ import annotations
