@@ -142,6 +142,9 @@ def test_compacted_network_equals_the_gated_network_on_the_profiled_data():
     assert [b.mid_planes for b in compact.blocks] == [max(k, 1) for k in kept]
     assert kept[ALL_OFF] == 0 and len(plan[ALL_ON]["always_on"]) == plan[ALL_ON]["channels"]
     assert [len(plan[i]["removed"]) for i in (1, 6)] == [len(plan[i]["always_on"]) for i in (1, 6)] == [2, 16]
+    for block, row in zip(compact.blocks, plan, strict=True):  # always-active channels are ungated
+        forced = [row["kept"].index(c) for c in row["always_on"]]
+        assert not block.gate.expand.weight[forced].any() and (block.gate.expand.bias[forced] == FORCED_LOGIT).all()
     with torch.no_grad():
         out = compact(images, Branch.GATED)
     assert relative_difference(out.features, reference.features) <= 1e-4

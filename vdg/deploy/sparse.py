@@ -88,7 +88,6 @@ class FoldedBlock:
         self.b1 = b1
         self.w2_taps = w2.permute(2, 3, 1, 0).reshape(9, self.mid, self.planes).contiguous()
         self.b2 = b2
-        self.wd_rows = None if self.shortcut is None else self.shortcut.weight.flatten(1).contiguous()
         self.workspace = Workspace()
 
     def to(self, device: torch.device) -> FoldedBlock:
@@ -97,7 +96,7 @@ class FoldedBlock:
                 conv.to(device)
         if self.gate is not None:
             self.gate.to(device)
-        for name in ("w1_rows", "b1", "w2_taps", "b2", "wd_rows"):
+        for name in ("w1_rows", "b1", "w2_taps", "b2"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -139,13 +138,11 @@ class FoldedBlock:
         return linear(cols2, w2.view(9 * k, -1).t(), self.b2, relu=True, residual=self._shortcut_rows(x))
 
     def _shortcut_rows(self, x: Tensor) -> Tensor:
-        """The shortcut of images x [M, H, W, C_in] as rows [M * Ho * Wo, C_out]."""
+        """The shortcut of images x [M, H, W, C_in] as rows [M * Ho * Wo, C_out] (the 1x1 downsample prepacked)."""
         m, h, w, c_in = x.shape
         if self.shortcut is None:
             return x.reshape(m * h * w, c_in)
-        sub = x[:, :: self.stride, :: self.stride]  # the 1x1 downsample is a matmul on the strided pixels
-        pixels = self.workspace.get("sub", sub.numel(), x).view(sub.shape).copy_(sub).view(-1, c_in)
-        return linear(pixels, self.wd_rows, self.shortcut.bias)
+        return self.shortcut(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(-1, self.planes)
 
     def sampled(self, x: Tensor, mask: Tensor) -> Tensor:
         """The per-sample path over a batch x [N, C_in, H, W] (channels_last): one `sample` call per distinct
