@@ -274,8 +274,11 @@ def test_load_backbone_returns_the_chosen_execution_with_the_same_features(tmp_p
         assert ((model(IMAGES) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
         masks = model.encode(IMAGES).masks
         assert [m.shape for m in masks] == [m.shape for m in load_backbone(gated["pt"]).encode(IMAGES).masks]
-    assert load_backbone(gated["pt"], execution="sparse").paths(1, 32) == [BlockPath.MASKED] * 8  # width 4
-    assert load_backbone(gated["pt"], execution="folded").paths(1, 32) == [BlockPath.MASKED] * 8
+    sparse, folded = load_backbone(gated["pt"], execution="sparse"), load_backbone(gated["pt"], execution="folded")
+    assert sparse.skip_inactive and not folded.skip_inactive
+    sparse.set_plan(1, [BlockPath.SAMPLE] * 8)  # width 4: the default would be masked everywhere
+    folded.set_plan(1, [BlockPath.SAMPLE] * 8)
+    assert sparse.paths(1, 32) == [BlockPath.SAMPLE] * 8 and folded.paths(1, 32) == [BlockPath.MASKED] * 8
     dense = export_backbone(ckpt, "dense", out_dir=tmp_path)
     model = load_backbone(dense["pt"], execution="folded")
     expected = reference_features(ckpt, "dense", IMAGES)
