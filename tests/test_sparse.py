@@ -76,6 +76,18 @@ def test_samples_with_identical_masks_share_one_gathered_call(monkeypatch):
     assert len(calls) == distinct <= 3 * 8 and sum(calls) == 6 * 8
 
 
+def test_per_sample_path_splits_a_batch_over_threads_with_the_same_result():
+    net = gated_network()
+    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        reference = net(x, Branch.GATED).features
+    engine = FoldedResNet(net, Branch.GATED)
+    torch.set_num_threads(2)  # the conftest fixture sets 1 again for the next test
+    out = engine.encode(x, SAMPLE).features
+    assert torch.get_num_threads() == 2  # restored after the parallel section
+    assert relative_difference(out, reference) <= 1e-4
+
+
 def test_tune_measures_a_path_per_block_and_keeps_it_for_that_batch_size():
     net = gated_network()
     engine = FoldedResNet(net, Branch.GATED)

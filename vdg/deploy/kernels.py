@@ -12,6 +12,8 @@ with oneDNN's matmul (`_linear_pointwise`), which reads plain weights at close t
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,6 +54,7 @@ class FoldedConv:
         self.bias = bias
         self.stride, self.padding = stride, padding
         self._packed: dict[tuple[int, ...], Tensor] = {}
+        self._lock = threading.Lock()  # the per-sample path calls it from several threads
 
     @property
     def out_channels(self) -> int:
@@ -65,14 +68,15 @@ class FoldedConv:
     def packed(self, shape: torch.Size) -> Tensor:
         """The weight in the blocked layout oneDNN picks for this input shape, reordered once and kept."""
         key = tuple(shape)
-        if key not in self._packed:
-            if len(self._packed) > 8:  # a few batch sizes at most; drop the oldest, never grow without bound
-                self._packed.pop(next(iter(self._packed)))
-            pad, stride = [self.padding] * 2, [self.stride] * 2
-            self._packed[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                self.weight.contiguous().to_mkldnn(), pad, stride, [1, 1], 1, list(shape)
-            )
-        return self._packed[key]
+        with self._lock:
+            if key not in self._packed:
+                if len(self._packed) > 8:  # a few batch sizes at most; drop the oldest, never grow without bound
+                    self._packed.pop(next(iter(self._packed)))
+                pad, stride = [self.padding] * 2, [self.stride] * 2
+                self._packed[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    self.weight.contiguous().to_mkldnn(), pad, stride, [1, 1], 1, list(shape)
+                )
+            return self._packed[key]
 
     def __call__(self, x: Tensor, relu: bool = False, residual: Tensor | None = None) -> Tensor:
         if onednn_ops_available(x.device) and x.dtype == torch.float32:
