@@ -96,6 +96,7 @@ def test_bench_script_prints_json_and_appends_a_row(tmp_path, capsys):
         ("model.stem=vit", "model.stem='vit'; allowed values: ['cifar', 'imagenet']"),
         ("device=tpu", "device='tpu': allowed values"),
         ("plan=fast", "plan='fast'; allowed values: ['default', 'tune', 'sample', 'masked']"),
+        ("batch_size=128", "images=64 < batch_size=128: a timed batch must hold distinct images"),
         ("ckpt=/no/such.ckpt", "checkpoint not found"),
     ],
 )

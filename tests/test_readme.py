@@ -55,7 +55,7 @@ TINY_EVAL = {
     "scripts/linear_eval.py": ["epochs=1", "runs=1", "batch_size=128"],
     "scripts/bench_eval.py": ["epochs=2", "runs=2", "batch_size=256", "bench_epochs=1", "repeats=1"],
     "scripts/umap_plot.py": ["max_samples=60"],
-    "scripts/bench_inference.py": ["model.width=4", "images=2", "rounds=1", "warmup=0", "calibration.images=16"],
+    "scripts/bench_inference.py": ["model.width=4", "rounds=1", "warmup=0", "calibration.images=16"],
     "scripts/flops.py": ["bench.images=2", "bench.rounds=1", "bench.warmup=0"],
 }  # scripts/export.py runs as written: the quickstart exported already, exporting again must not fail
 # Commands that cannot run here, with why, checked by composing their config instead.

@@ -164,21 +164,21 @@ def checkpoint_setup(
             break
     images = torch.cat(images)[:num_images].float()
     gated = branch_encoder(model.backbone, Branch.GATED)
-    if Branch.DENSE in gated_branches(model.backbone):
+    if Branch.DENSE in served_branches(model.backbone):
         dense, weights = branch_encoder(model.backbone, Branch.DENSE), "checkpoint"
     else:
         arch = gated.arch_config()
         dense = GatedResNet(
             width=arch["width"], stem=arch["stem"], branches=("dense",), block_widths=arch["block_widths"]
         ).eval()
-        dense, weights = dense, "random (the checkpoint has no dense branch)"
+        weights = "random (the checkpoint has no dense branch)"
     notes = {"ckpt": str(ckpt), "split": split, "method": str(model.cfg.method.name), "dense_weights": weights}
     if model.backbone.gated and "budget" in model.cfg:
         notes["budget"] = float(model.cfg.budget)
     return BenchSetup(gated=gated, dense=dense, images=images, masks="checkpoint", notes=notes)
 
 
-def gated_branches(backbone: Any) -> tuple[Branch, ...]:
+def served_branches(backbone: Any) -> tuple[Branch, ...]:
     """Branches a method's backbone serves (vdg_2x keeps one encoder per branch)."""
     if isinstance(backbone, GatedResNet):
         return backbone.branches
@@ -186,7 +186,8 @@ def gated_branches(backbone: Any) -> tuple[Branch, ...]:
 
 
 def batches(images: Tensor, batch_size: int) -> list[Tensor]:
-    """`images` cut into batches of `batch_size` (cycled when there are fewer images than one batch)."""
+    """`images` cut into batches of `batch_size` (cycled when there are fewer images than one batch: repeated images
+    share masks, which the per-sample path groups, so `run_benchmark` refuses that)."""
     if batch_size > len(images):
         repeats = -(-batch_size // len(images))
         images = images.repeat(repeats, 1, 1, 1)[:batch_size]
@@ -424,6 +425,11 @@ def run_benchmark(cfg: Any) -> dict[str, Any]:
 
     for key in ("batch_size", "threads", "images", "rounds"):
         _positive_int(cfg, key)
+    if cfg.images < cfg.batch_size:
+        raise ConfigError(
+            f"images={cfg.images} < batch_size={cfg.batch_size}: a timed batch must hold distinct images "
+            "(repeated images share masks, which would flatter sparse execution); raise images"
+        )
     if cfg.device not in ("cpu", "cuda") or (cfg.device == "cuda" and not torch.cuda.is_available()):
         raise ConfigError(f"device={cfg.device!r}: allowed values are 'cpu' and, on a machine with a GPU, 'cuda'")
     if isinstance(cfg.warmup, bool) or not isinstance(cfg.warmup, int) or cfg.warmup < 0:
