@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vdg.deploy.bench import append_row, run_benchmark
-from vdg.run.cli import USER_ERRORS
+from vdg.run.cli import USER_ERRORS, quote_path_values
 
 
 @hydra.main(config_path="../configs", config_name="bench_inference", version_base="1.3")
@@ -31,4 +31,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *quote_path_values(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
     main()

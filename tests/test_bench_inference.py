@@ -90,12 +90,18 @@ def test_bench_script_prints_json_and_appends_a_row(tmp_path, capsys):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("batch_size=0", "batch_size=0 must be a positive integer"),
+        ("batch_size=0", "batch_size=0 must be an integer >= 1"),
+        ("rounds=1.5", "rounds=1.5 must be an integer >= 1"),
         ("executions=[sparse]", "must include 'dense'"),
+        ("executions=[dense,fast]", "unknown executions 'fast'; allowed values: ['dense', 'masked', 'sparse'"),
         ("calibration.density=[0.3,0.2]", "one number in [0, 1] or 8 of them"),
-        ("model.stem=vit", "model.stem='vit'; allowed values: ['cifar', 'imagenet']"),
-        ("device=tpu", "device='tpu': allowed values"),
-        ("plan=fast", "plan='fast'; allowed values: ['default', 'tune', 'sample', 'masked']"),
+        ("calibration.density=1.5", "calibration.density=1.5 must be a number in [0, 1]"),
+        ("model.stem=vit", "unknown model.stem 'vit'; allowed values: ['cifar', 'imagenet']"),
+        ("device=tpu", "unknown device 'tpu'; allowed values: ['cpu', 'cuda']"),
+        ("plan=fast", "unknown plan 'fast'; allowed values: ['default', 'tune', 'sample', 'masked']"),
+        ("split=val", "unknown split 'val'; allowed values"),
+        ("+threadz=2", "unknown key threadz (did you mean threads?)"),
+        ("+model.depth=34", "unknown key model.depth"),
         ("batch_size=128", "images=64 < batch_size=128: a timed batch must hold distinct images"),
         ("ckpt=/no/such.ckpt", "checkpoint not found"),
     ],
@@ -115,3 +121,5 @@ def test_flops_latency_reports_the_latency_ratio_next_to_the_flops_ratio(tmp_pat
     assert {"dense_ms", "sparse_ms", "masked_ms", "flops_ratio", "max_rel_diff"} <= set(summary["latency"])
     with pytest.raises(ConfigError, match="latency=true needs ckpt"):
         flops_summary(compose_config(["latency=true"], config_name="flops"))
+    with pytest.raises(ConfigError, match="bench.threads=0 must be an integer >= 1"):
+        flops_summary(compose_config([f"ckpt={ckpt}", "latency=true", "bench.threads=0"], config_name="flops"))

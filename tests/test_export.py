@@ -239,6 +239,12 @@ def test_export_script_writes_the_default_files(trained_ckpt, capsys):
         (["ckpt=x.ckpt"], "branch=dense|gated is required"),
         (["ckpt=missing.ckpt", "branch=gated"], "checkpoint not found"),
         (["branch=sparse"], None),
+        (["ckpt=x.ckpt", "branch=gated", "slim=yes"], "slim='yes' must be true or false"),
+        (["ckpt=x.ckpt", "branch=gated", "overwrite=1"], "overwrite=1 must be true or false"),
+        (["ckpt=x.ckpt", "branch=gated", "profile_split=val"], "unknown profile_split 'val'; allowed values"),
+        (["ckpt=x.ckpt", "branch=gated", "+executoin=sparse"], "unknown key executoin (did you mean execution?)"),
+        (["ckpt=x.ckpt", "branch=gated", "+data.rot=/d"], "unknown key data.rot"),
+        (["ckpt=x.ckpt", "branch=gated", "data.num_workers=-1"], "data.num_workers=-1 must be an integer >= 0"),
     ],
 )
 def test_export_script_errors_are_one_line(trained_ckpt, overrides, message):
@@ -327,6 +333,11 @@ def test_export_script_slim_and_execution_options(trained_ckpt, tmp_path, capsys
     run_export_script(f"ckpt={trained_ckpt}", "branch=gated", f"out_dir={tmp_path}", "slim=true", "execution=sparse")
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) == {"pt", "safetensors", "json", "profile"} and all(Path(p).is_file() for p in printed.values())
+    written = {key: Path(p).stat().st_mtime_ns for key, p in printed.items()}
+    run_export_script(f"ckpt={trained_ckpt}", "branch=gated", f"out_dir={tmp_path}", "slim=true", "execution=sparse")
+    assert {key: Path(p).stat().st_mtime_ns for key, p in printed.items()} == written  # the same export: no rewrite
+    with pytest.raises(SystemExit, match="already exist.*overwrite=true"):  # another default execution: refused
+        run_export_script(f"ckpt={trained_ckpt}", "branch=gated", f"out_dir={tmp_path}", "slim=true")
     allowed = r"allowed values: \['masked', 'folded', 'sparse'\]"
     with pytest.raises(SystemExit, match=r"error: unknown execution 'quick'; " + allowed):
         run_export_script(f"ckpt={trained_ckpt}", "branch=gated", f"out_dir={tmp_path}", "execution=quick")

@@ -360,7 +360,7 @@ One row per run, appended by each run. Columns:
 
 
 COLUMNS = (
-    "date", "device", "torch", "masks", "width", "input", "batch", "FLOPs ratio", "dense ms", "masked ms",
+    "date", "device", "threads", "torch", "masks", "width", "input", "batch", "FLOPs ratio", "dense ms", "masked ms",
     "sparse ms", "slim ms", "sparse/dense", "slim/dense", "dense eager ms", "sparse/dense eager", "max rel diff",
     "plan", "load",
 )  # fmt: skip
@@ -375,18 +375,25 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def append_row(result: Mapping[str, Any], path: str | Path) -> Path:
-    """Add `result` as one row of the markdown table at `path` (created with its header)."""
+    """Add `result` as one row of the markdown table at `path` (created with its header).
+
+    The file is replaced atomically (vdg.run.checkpoint_io), so a killed run never leaves half a row, and its
+    mode follows the umask."""
+    from vdg.run.checkpoint_io import atomic_write_text
+
     path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table = "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
-        path.write_text(RESULTS_HEADER + table)
+    if path.exists():
+        text = path.read_text()
+        text += "" if not text or text.endswith("\n") else "\n"
+    else:
+        text = RESULTS_HEADER + "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
     plan = result["plan"]
     plan_text = plan[0] if len(set(plan)) == 1 else ",".join(p[0] for p in plan)  # s = sample, m = masked
     load = "/".join(_fmt(v, 2) for v in result["load_avg"])
     cells = [
         result["date"],
         result["device"],
+        result["threads"],
         result["torch"],
         result["masks"],
         result["width"],
@@ -405,41 +412,96 @@ def append_row(result: Mapping[str, Any], path: str | Path) -> Path:
         plan_text + ("" if result.get("plan_choice", "default") == "default" else f" ({result['plan_choice']})"),
         load,
     ]
-    with path.open("a") as f:
-        f.write("| " + " | ".join(str(c) for c in cells) + " |\n")
+    atomic_write_text(path, text + "| " + " | ".join(str(c) for c in cells) + " |\n")
     return path
 
 
-def _positive_int(cfg: Any, key: str) -> int:
-    from vdg.run.config import ConfigError
+def check_bench_config(cfg: Any) -> None:
+    """Every option of configs/bench_inference.yaml, before any network is built or checkpoint read: an unknown
+    key, a wrong type or value is one `ConfigError` line naming the key and the allowed values (as vdg.run.config
+    does for pretraining)."""
+    from omegaconf import OmegaConf
 
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}={value!r} must be a positive integer")
-    return value
+    from vdg.data.datasets import SPLITS
+    from vdg.models.resnet import STEMS
+    from vdg.run.config import (
+        CONFIG_DIR,
+        ConfigError,
+        check_choice,
+        check_int,
+        check_known_keys,
+        check_number,
+        check_str,
+    )
 
-
-def run_benchmark(cfg: Any) -> dict[str, Any]:
-    """scripts/bench_inference.py: the setup its config asks for (checkpoint or calibrated), then `measure`."""
-    from vdg.run.config import ConfigError
-
+    config = CONFIG_DIR / "bench_inference.yaml"
+    if config.is_file():
+        defaults = OmegaConf.load(config)
+        check_known_keys("", cfg, [k for k in defaults if k != "defaults"])
+        for section in ("data", "model", "calibration"):
+            check_known_keys(section, cfg.get(section) or {}, defaults[section].keys())
+    if cfg.ckpt is not None:
+        check_str("ckpt", cfg.ckpt)
     for key in ("batch_size", "threads", "images", "rounds"):
-        _positive_int(cfg, key)
+        check_int(key, cfg.get(key), 1)
+    check_int("warmup", cfg.get("warmup"), 0)
     if cfg.images < cfg.batch_size:
         raise ConfigError(
             f"images={cfg.images} < batch_size={cfg.batch_size}: a timed batch must hold distinct images "
             "(repeated images share masks, which would flatter sparse execution); raise images"
         )
-    if cfg.device not in ("cpu", "cuda") or (cfg.device == "cuda" and not torch.cuda.is_available()):
-        raise ConfigError(f"device={cfg.device!r}: allowed values are 'cpu' and, on a machine with a GPU, 'cuda'")
-    if isinstance(cfg.warmup, bool) or not isinstance(cfg.warmup, int) or cfg.warmup < 0:
-        raise ConfigError(f"warmup={cfg.warmup!r} must be an integer >= 0")
-    if cfg.plan not in PLANS:
-        raise ConfigError(f"plan={cfg.plan!r}; allowed values: {list(PLANS)}")
+    check_choice("device", cfg.device, ("cpu", "cuda"))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible on this machine; use device=cpu")
+    check_choice("plan", cfg.plan, PLANS)
+    executions = cfg.executions
+    if not OmegaConf.is_list(executions) or not executions:
+        raise ConfigError(f"executions={executions!r} must be a list of executions; allowed values: {list(EXECUTIONS)}")
+    for execution in executions:
+        check_choice("executions", execution, EXECUTIONS)
+    if "dense" not in executions:
+        raise ConfigError(f"executions={list(executions)} must include 'dense' (every ratio is against it)")
+    check_choice("split", cfg.split, SPLITS)
+    check_str("results", cfg.results, optional=True)
+    data = cfg.get("data") or {}
+    if data.get("root") is not None:
+        check_str("data.root", data.root)
+    for key in ("download", "pin_memory"):
+        if data.get(key) is not None and not isinstance(data[key], bool):
+            raise ConfigError(f"data.{key}={data[key]!r} must be true or false (or null)")
+    if data.get("num_workers") is not None:
+        check_int("data.num_workers", data.num_workers, 0)
+    model, calibration = cfg.model, cfg.calibration
+    check_choice("model.stem", model.stem, STEMS)
+    check_int("model.width", model.width, 1)
+    check_int("model.image_size", model.image_size, 8)
+    check_int("calibration.images", calibration.images, 2)
+    check_int("calibration.seed", calibration.seed, 0)
+    if calibration.profile is not None:
+        check_str("calibration.profile", calibration.profile)
+    else:
+        density = calibration.density
+        values = list(density) if OmegaConf.is_list(density) else [density]
+        if len(values) not in (1, 8):
+            raise ConfigError(f"calibration.density={_plain(density)!r} must be one number in [0, 1] or 8 of them")
+        for value in values:
+            check_number("calibration.density", value, 0, 1, note=" (one number or 8, one per block)")
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def run_benchmark(cfg: Any) -> dict[str, Any]:
+    """scripts/bench_inference.py: the setup its config asks for (checkpoint or calibrated), then `measure`."""
+    check_bench_config(cfg)
+    if cfg.results:
+        from vdg.run.rundir import check_writable
+
+        check_writable(Path(cfg.results).parent, "results")  # before minutes of timing, not after
     executions = list(cfg.executions)
-    unknown = [e for e in executions if e not in EXECUTIONS]
-    if unknown or "dense" not in executions:
-        raise ConfigError(f"executions={executions} must include 'dense'; allowed values: {list(EXECUTIONS)}")
     if cfg.ckpt is not None:
         data = {key: value for key, value in cfg.data.items() if value is not None}
         setup = checkpoint_setup(cfg.ckpt, data, int(cfg.images), str(cfg.split))
@@ -459,16 +521,12 @@ def run_benchmark(cfg: Any) -> dict[str, Any]:
 
 def calibrated_setup_from_config(cfg: Any) -> BenchSetup:
     """`calibrated_setup` from the `model:` and `calibration:` blocks of configs/bench_inference.yaml."""
+    from omegaconf import OmegaConf
+
     from vdg.deploy.slim import ChannelProfile
-    from vdg.models.resnet import STEMS
     from vdg.run.config import ConfigError
 
     model, calibration = cfg.model, cfg.calibration
-    if model.stem not in STEMS:
-        raise ConfigError(f"model.stem={model.stem!r}; allowed values: {list(STEMS)}")
-    for key in ("width", "image_size"):
-        _positive_int(model, key)
-    _positive_int(calibration, "images")
     if calibration.profile is not None:
         profile = ChannelProfile.load(calibration.profile)
         density: Any = list(profile.frequency)
@@ -479,13 +537,8 @@ def calibrated_setup_from_config(cfg: Any) -> BenchSetup:
                 f"model.width={model.width} has {expected}"
             )
     else:
-        density = calibration.density
-        values = [density] if isinstance(density, int | float) else list(density)
-        if not values or any(isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1 for v in values):
-            raise ConfigError(f"calibration.density={density!r} must be one number in [0, 1] or 8 of them")
-        if len(values) not in (1, 8):
-            raise ConfigError(f"calibration.density={density!r} must be one number in [0, 1] or 8 of them")
-        density = values[0] if len(values) == 1 else values
+        values = list(calibration.density) if OmegaConf.is_list(calibration.density) else [calibration.density]
+        density = float(values[0]) if len(values) == 1 else [float(v) for v in values]
     return calibrated_setup(
         int(model.width),
         str(model.stem),

@@ -140,9 +140,9 @@ def export_backbone(
 
     out_dir: default <checkpoint dir>/export; name: default `export_name` (+ "-slim"). When the files already hold
     exactly this export (same weights, source checkpoint and settings, as pretraining leaves them), nothing is
-    rewritten; other existing files are refused unless `overwrite`. Returns {"pt": ..., "safetensors": ..., "json": ...} (+ "profile" when slim). The JSON
-    holds the architecture (`GatedResNet.arch_config()`), the gate settings, t_d, the input normalisation and
-    the source checkpoint.
+    rewritten; other existing files are refused unless `overwrite`. Returns {"pt": ..., "safetensors": ...,
+    "json": ...} (+ "profile" when slim). The JSON holds the architecture (`GatedResNet.arch_config()`), the gate
+    settings, t_d, the input normalisation, the source checkpoint and the default execution.
 
     execution: the default of `load_backbone` for this export ("masked" | "folded" | "sparse"; None = "masked").
     slim: export the compacted gated network instead (`vdg.deploy.slim.compact_gated`): the channels the gates
