@@ -134,8 +134,9 @@ def test_fold_batchnorm_and_patches():
         assert torch.equal(cols, expected)  # columns (kh, kw, c), zero padding
 
 
-def test_compacted_network_equals_the_gated_network_on_the_profiled_data():
-    net = gated_network(width=8)
+@pytest.mark.parametrize("stem,size", [("cifar", 32), ("imagenet", 64)])
+def test_compacted_network_equals_the_gated_network_on_the_profiled_data(stem, size):
+    net = gated_network(stem, size, width=8)
     # blocks 1 and 6: a quarter of the channels never on, a quarter always on, the rest data-dependent
     for index in (1, 6):
         frequency = torch.full((net.blocks[index].mid_planes,), 0.5)
@@ -143,8 +144,8 @@ def test_compacted_network_equals_the_gated_network_on_the_profiled_data():
         frequency[:quarter], frequency[quarter : 2 * quarter] = 0.0, 1.0
         density = [None] * 8
         density[index] = frequency
-        calibrate_gates(net, torch.randn(48, 3, 32, 32), density)
-    images = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+        calibrate_gates(net, torch.randn(48, 3, size, size), density)
+    images = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = net(images, Branch.GATED)
     profile = profile_from_masks(reference.masks, net.arch_config())
@@ -157,15 +158,17 @@ def test_compacted_network_equals_the_gated_network_on_the_profiled_data():
     for block, row in zip(compact.blocks, plan, strict=True):  # always-active channels are ungated
         forced = [row["kept"].index(c) for c in row["always_on"]]
         assert not block.gate.expand.weight[forced].any() and (block.gate.expand.bias[forced] == FORCED_LOGIT).all()
-    with torch.no_grad():
-        out = compact(images, Branch.GATED)
-    assert relative_difference(out.features, reference.features) <= 1e-4
-    for mask, full, row in zip(out.masks, reference.masks, plan, strict=True):
-        if row["kept"]:  # the compact masks are the full masks on the kept channels
-            assert torch.equal(mask, full[:, row["kept"]])
     engine = FoldedResNet(compact, Branch.GATED)
-    for paths in (SAMPLE, MASKED):
-        assert relative_difference(engine.encode(images, paths).features, reference.features) <= 1e-4
+    for batch in (1, 3, 64):  # profiled samples, alone or batched
+        x = images[:batch]
+        with torch.no_grad():
+            expected, out = net(x, Branch.GATED), compact(x, Branch.GATED)
+        assert relative_difference(out.features, expected.features) <= 1e-4, batch
+        for mask, full, row in zip(out.masks, expected.masks, plan, strict=True):
+            if row["kept"]:  # the compact masks are the full masks on the kept channels
+                assert torch.equal(mask, full[:, row["kept"]])
+        for paths in (SAMPLE, MASKED, None):  # its sparse execution too
+            assert relative_difference(engine.encode(x, paths).features, expected.features) <= 1e-4, (batch, paths)
     with pytest.raises(ValueError, match="channels per block"):
         compact_gated(GatedResNet(width=4), profile)
 
