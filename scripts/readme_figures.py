@@ -1,6 +1,7 @@
 """Refresh the README's quickstart figures from a quickstart run (for maintainers, after the commands it names).
 
     python scripts/readme_figures.py [--run runs/quickstart] [--check]
+    python scripts/readme_figures.py --mini runs/table1_mini/folder   # the README's reduced-scale Table 1
 
 Copies the run's summary.json and evaluation records into docs/results/quickstart/ and rewrites the README's
 quickstart table from them; --check only reports whether the README matches the files already there. Run the
@@ -11,7 +12,10 @@ commands first, in this order (the table names each one next to its figures):
     python scripts/linear_eval.py ckpt=runs/quickstart/checkpoints/last.ckpt
     python scripts/linear_eval.py ckpt=runs/quickstart/checkpoints/last.ckpt augment=false
 
-A thin entry point over `vdg.report.quickstart`.
+--mini copies a finished table1_mini sweep's records (configs/sweep/table1_mini.yaml) into
+docs/results/table1_mini/ and rewrites the README's mini table from them instead.
+
+A thin entry point over `vdg.report.quickstart` and `vdg.report.mini_table`.
 """
 
 from __future__ import annotations
@@ -23,22 +27,34 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a clone without `pip install -e .`
 
+from vdg.report.mini_table import collect_sweep, readme_block, replace_readme_block  # noqa: E402
 from vdg.report.quickstart import collect, figures_table, replace_table  # noqa: E402
 
 FIGURES = REPO / "docs" / "results" / "quickstart"
+MINI_FIGURES = REPO / "docs" / "results" / "table1_mini"
 README = REPO / "README.md"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Refresh the README's quickstart figures from a quickstart run.")
     parser.add_argument("--run", type=Path, default=Path("runs/quickstart"), help="the quickstart's run_dir")
+    parser.add_argument("--mini", type=Path, default=None, help="a finished table1_mini sweep's folder")
     parser.add_argument("--check", action="store_true", help="only check the README against docs/results/")
     args = parser.parse_args(argv)
     readme = README.read_text(encoding="utf-8")
     if args.check:
-        same = replace_table(readme, figures_table(FIGURES)) == readme
-        print("README matches docs/results/quickstart/" if same else "README differs from docs/results/quickstart/")
+        expected = replace_readme_block(replace_table(readme, figures_table(FIGURES)), readme_block(MINI_FIGURES))
+        same = expected == readme
+        print("README matches docs/results/" if same else "README differs from docs/results/")
         return 0 if same else 1
+    if args.mini is not None:
+        try:
+            copied = collect_sweep(args.mini, MINI_FIGURES)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+        README.write_text(replace_readme_block(readme, readme_block(MINI_FIGURES)), encoding="utf-8")
+        print(f"copied {len(copied)} files to {MINI_FIGURES.relative_to(REPO)}/ and rewrote the README's mini table")
+        return 0
     try:
         copied = collect(args.run, FIGURES)
     except FileNotFoundError as err:

@@ -24,6 +24,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from vdg.report.mini_table import README_BEGIN, README_END, readme_block, replace_readme_block
 from vdg.report.pareto import ours_points, paper_points, plot_pareto, record_panel
 from vdg.report.quickstart import BEGIN, END, figures_table, replace_table
 from vdg.report.quickstart import commands as quickstart_commands
@@ -426,6 +427,33 @@ def test_readme_figures_script(tmp_path, capsys):
     assert "python scripts/knn_eval.py ckpt=runs/quickstart/checkpoints/last.ckpt" in capsys.readouterr().err
     text = f"intro\n{BEGIN}\nold\n{END}\noutro\n"
     assert replace_table(text, "NEW") == "intro\nNEW\noutro\n"
+
+
+MINI_FIGURES = REPO / "docs" / "results" / "table1_mini"
+MINI_SWEEP = "python scripts/pretrain.py -m +sweep=table1_mini dataset=folder data.root=/tmp/cifar10"
+
+
+def test_mini_table_is_rendered_from_the_records_its_sweep_wrote():
+    """The README's reduced-scale Table 1 is the table make_tables renders from docs/results/table1_mini/, the
+    records (and run summaries) of one table1_mini sweep, copied there by scripts/readme_figures.py --mini."""
+    readme = README.read_text()
+    assert readme_block(MINI_FIGURES) in readme
+    assert MINI_SWEEP in readme and MINI_SWEEP in PYTHON_COMMANDS
+    records = load_results(MINI_FIGURES)
+    sweep = OmegaConf.load(REPO / "configs" / "sweep" / "table1_mini.yaml")
+    runs = {(r["method"], r["budget"], r["seed"]) for r in records}
+    assert {(m, b) for m, b, _ in runs} == {("vicreg", 0.3)} | {
+        (m, b) for m in ("vicreg_gating", "vdg") for b in (0.1, 0.3, 0.5)
+    }
+    for record in records:  # every figure comes from a run of the sweep as committed
+        assert record["dataset"] == "folder" and record["subset_per_class"] == sweep.dataset.subset_per_class
+        assert record["backbone_width"] == sweep.backbone.width
+        assert record["pretrain_epochs"] == sweep.trainer.max_epochs
+        assert record["num_train"] == 10 * sweep.dataset.subset_per_class and record["num_test"] == 10000
+    summaries = [json.loads(p.read_text()) for p in MINI_FIGURES.rglob("summary.json")]
+    assert len(summaries) == len(runs)
+    text = f"a\n{README_BEGIN}\nold\n{README_END}\nb\n"
+    assert replace_readme_block(text, "NEW") == "a\nNEW\nb\n"
 
 
 @pytest.mark.skipif(

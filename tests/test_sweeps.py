@@ -323,8 +323,9 @@ def test_tiny_sweep_chains_the_evaluation(tiny_sweep, tmp_path):
     pytest.importorskip("vdg.eval.api")
     records = [r for r in load_results(tiny_sweep / "runs") if r["protocol"] == "knn"]
     assert {(r["budget"], r["branch"]) for r in records} >= {(b, br) for b in (0.3, 0.5) for br in ("dense", "gated")}
-    for i, record in enumerate(records):  # synthetic has no row in the paper: file the records under STL-10
-        record.update(pretrain_dataset="stl10", dataset="stl10")
+    for i, record in enumerate(records):  # synthetic has no row in the paper: file the records under STL-10, at
+        # the paper's width (the plumbing is under test; a width-4 record would only fill reduced-scale tables)
+        record.update(pretrain_dataset="stl10", dataset="stl10", backbone_width=64)
         (tmp_path / f"record_{i}.json").write_text(json.dumps(record))
     paths = make_tables(tmp_path, tmp_path / "tables", ["table4"])
     gated = stl10_cells(paths["table4.csv"], "VICReg-Dual gated: ours")

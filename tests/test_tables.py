@@ -279,7 +279,8 @@ def test_unknown_table_name_lists_allowed() -> None:
 def test_make_tables_writes_every_table(tmp_path: Path) -> None:
     _write(tmp_path, _cifar10_table1_records())
     paths = make_tables(tmp_path)
-    assert sorted(paths) == sorted(f"table{i}.{ext}" for i in range(1, 7) for ext in ("md", "csv"))
+    expected = [f"table{i}" for i in range(1, 7)] + ["table1_mini"]
+    assert sorted(paths) == sorted(f"{name}.{ext}" for name in expected for ext in ("md", "csv"))
     assert all(path.parent == tmp_path / "tables" and path.is_file() for path in paths.values())
     assert VDG_30_LINES in paths["table1.md"].read_text(encoding="utf-8")
     assert sorted(make_tables(tmp_path, tmp_path / "other", ["table4"])) == ["table4.csv", "table4.md"]
@@ -358,3 +359,51 @@ def test_cli_prints_markdown(tmp_path: Path) -> None:
     assert sorted(path.name for path in (tmp_path / "o").iterdir()) == ["table4.csv", "table4.md"]
     bad = _cli(str(tmp_path), "--tables", "table9")
     assert bad.returncode != 0 and "table9" in bad.stderr
+
+
+def _mini(method: str, branch: str, budget: float, value: float, seed: int, **extra: Any) -> dict[str, Any]:
+    """A reduced-scale record as configs/sweep/table1_mini.yaml writes them (width 8, 500 images per class)."""
+    fields = {"backbone_width": 8, "subset_per_class": 500, "pretrain_epochs": 30, "num_train": 5000,
+              "num_test": 10000, "augment": False, "seed": seed, "runs": [value, value], "std": 0.0}
+    return _record(method, branch, budget, value, **{**fields, **extra})
+
+
+def _mini_records() -> list[dict[str, Any]]:
+    records = []
+    for seed, shift in ((1, 0.0), (2, 2.0)):
+        records += [
+            _mini("vicreg", "dense", 0.3, 50.0 + shift, seed),
+            _mini("vdg", "dense", 0.3, 48.0 + shift, seed),
+            _mini("vdg", "gated", 0.3, 44.0 + shift, seed, flops_reduction=0.70 + shift / 100),
+            _mini("vdg", "gated", 0.3, 40.0 + shift, seed, protocol="knn", k=1, distance="euclidean",
+                  flops_reduction=0.70 + shift / 100),
+        ]
+    records.append(_mini("vicreg_gating", "gated", 0.1, 30.0, 1, dataset="folder", pretrain_dataset="folder",
+                         flops_reduction=0.88))
+    return records
+
+
+def test_reduced_scale_records_fill_only_the_mini_table_with_the_spread_over_seeds(tmp_path: Path) -> None:
+    mini = _mini_records()
+    assert build_table("table1", mini).matched == 0  # never next to the paper's numbers with a Δ
+    assert unmatched_records([*mini, *_cifar10_table1_records()]) == []
+    paths = make_tables(_write(tmp_path, mini), names=["table1_mini"])
+    text = paths["table1_mini.md"].read_text(encoding="utf-8")
+    assert "Δ" not in text.split("\n- The scales differ")[0] + text.split("| t_d |")[1]  # the note names it, no column
+    assert "reduced scale" in text and "full scale" in text and "no Δ column" in text
+    assert "500 train images per class" in text and "width 8" in text and "seed(s) 1, 2" in text
+    rows = list(csv.reader(io.StringIO(paths["table1_mini.csv"].read_text(encoding="utf-8"))))
+    assert rows[0] == ["t_d", "", "VICReg dense", "VICReg-Gating gated", "VICReg-Gating FLOPs R.", "VDG dense",
+                       "VDG gated", "VDG FLOPs R."]
+    linear30 = next(r for r in rows if r[:2] == ["30%", "ours, linear"])
+    # mean ± sample std over the two pretraining seeds: 51 ± 1.41 (VICReg), 45 ± 1.41, F_R 71 ± 1.41
+    assert linear30 == ["30%", "ours, linear", "51.00 ± 1.41 (n=2)", "—", "—", "49.00 ± 1.41 (n=2)",
+                        "45.00 ± 1.41 (n=2)", "71.00 ± 1.41% (n=2)"]
+    knn30 = rows[rows.index(linear30) + 1]
+    assert knn30[1] == "ours, 1-NN" and knn30[6] == "41.00 ± 1.41 (n=2)"
+    paper30 = rows[rows.index(linear30) + 2]
+    assert paper30 == ["", "paper (full scale), linear", "91.11 ± 0.03", "89.49 ± 0.04", "69.27%", "90.38 ± 0.04",
+                       "90.27 ± 0.03", "66.43%"]
+    linear10 = next(r for r in rows if r[:2] == ["10%", "ours, linear"])
+    assert linear10[3:5] == ["30.00", "88.00%"]  # an image folder (CIFAR-10 as JPEGs) counts; one seed: no ±
+    assert "data cifar10/folder" in text

@@ -6,6 +6,7 @@ backend): augmentation is `vdg.data.transforms` / `vdg.data.gpu_augment`, batchi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -427,7 +428,8 @@ def _fingerprint(dataset: ImageFolderDataset, image_size: int) -> str:
 def decode_cache_path(dataset: ImageFolderDataset, image_size: int, cache_dir: str | Path | None = None) -> Path:
     """Where `decode_folder` keeps its cache: `<cache_dir or data.root/.vdg_cache>/<root>-<split>-<size>px.pt`."""
     folder = Path(cache_dir) if cache_dir is not None else dataset.root / ".vdg_cache"
-    return folder / f"{dataset.root.resolve().name}-{dataset.split}-{image_size}px.pt"
+    tag = getattr(dataset, "cache_tag", "")  # class-balanced subsets (`class_subset`)
+    return folder / f"{dataset.root.resolve().name}-{dataset.split}{tag}-{image_size}px.pt"
 
 
 class _Decoded(Dataset):
@@ -481,17 +483,91 @@ def decode_folder(
     return TensorImageDataset(images, dataset.labels, dataset.classes)
 
 
+# ------------------------------------------------------------------------------------ class-balanced subsets
+# dataset.<key> -> the role it applies to. The train split's subset serves pretraining and the evaluations'
+# training side alike (k-NN bank, linear head), so one experiment sees the same images throughout.
+SUBSET_KEYS = {"pretrain": "subset_per_class", "train": "subset_per_class", "test": "test_subset_per_class"}
+
+
+def class_balanced_indices(labels: Tensor, per_class: int, seed: int, key: str = "dataset.subset_per_class") -> Tensor:
+    """Sorted indices of `per_class` samples of every class in `labels`, drawn without replacement.
+
+    Deterministic under `seed` (a torch.Generator, the same on every machine); another seed draws another
+    subset. Refused (ValueError naming `key`) when a class has fewer samples, or when labels are missing (-1).
+    """
+    labels = torch.as_tensor(labels).long()
+    if per_class < 1:
+        raise ValueError(f"{key}={per_class} must be a positive number of images per class, or null (the whole split)")
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(f"{key}={per_class} needs labels, but this split has unlabelled images (label -1)")
+    classes, counts = torch.unique(labels, return_counts=True)
+    if not len(classes):
+        raise ValueError(f"{key}={per_class}: the split is empty")
+    smallest = int(counts.min())
+    if smallest < per_class:
+        name = int(classes[int(counts.argmin())])
+        raise ValueError(
+            f"{key}={per_class} but class {name} has only {smallest} images in this split; "
+            f"allowed values: 1..{smallest}"
+        )
+    generator = torch.Generator().manual_seed(int(seed))
+    chosen = []
+    for label in classes.tolist():
+        members = torch.nonzero(labels == label).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+def class_subset(dataset: Dataset, indices: Tensor) -> Dataset:
+    """The same kind of dataset holding only `indices` (a tensor dataset stays one, for the batched backends)."""
+    if isinstance(dataset, TensorImageDataset):
+        return TensorImageDataset(dataset.images[indices], dataset.labels[indices], dataset.classes, dataset.transform)
+    if isinstance(dataset, ImageFolderDataset):
+        subset = copy.copy(dataset)
+        subset.samples = [dataset.samples[i] for i in indices.tolist()]
+        subset.labels = dataset.labels[indices]
+        # its own decode cache file: a subset and the whole split (or two subsets) would replace each other's
+        digest = hashlib.sha256(indices.numpy().tobytes()).hexdigest()[:8]
+        subset.cache_tag = f"-subset{len(indices)}-{digest}"
+        return subset
+    raise TypeError(f"class-balanced subsets support tensor and image-folder datasets, not {type(dataset).__name__}")
+
+
+def apply_subset(dataset: Dataset, dataset_cfg: Any, split: str) -> Dataset:
+    """`dataset` reduced to `dataset.subset_per_class` (train split) or `dataset.test_subset_per_class` (test
+    split) images per class, drawn with `dataset.subset_seed`; unchanged when the key is null or absent."""
+    key = SUBSET_KEYS[split]
+    per_class = dataset_cfg.get(key)
+    if per_class is None:
+        return dataset
+    seed = dataset_cfg.get("subset_seed")
+    if seed is None:
+        raise ValueError(
+            f"dataset.{key}={per_class} needs dataset.subset_seed (an integer; pretraining sets the run's seed)"
+        )
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise ValueError(f"dataset.{key} needs a labelled split; {type(dataset).__name__} has no labels")
+    where = f"dataset.{key} ({dataset_cfg.name} {disk_split(dataset_cfg, split)} split)"
+    return class_subset(dataset, class_balanced_indices(labels, int(per_class), int(seed), where))
+
+
 # ----------------------------------------------------------------------------------------------- the factory
 def build_dataset(dataset_cfg: Any, data_cfg: Any, split: str) -> Dataset:
     """The raw split of the dataset a config names (`dataset.name`), images untransformed.
 
     split is a role: "pretrain" (what self-supervision reads), "train" or "test" (evaluation); `disk_split`
-    maps it to the dataset's own split names.
+    maps it to the dataset's own split names. `dataset.subset_per_class` / `test_subset_per_class` reduce the
+    split to a class-balanced subset (`apply_subset`).
     """
     name = dataset_cfg.name
     if name not in DATASETS:
         raise ValueError(f"unknown dataset.name {name!r}; allowed values: {list(DATASETS)}")
-    on_disk = disk_split(dataset_cfg, split)
+    return apply_subset(_load_split(dataset_cfg, data_cfg, split), dataset_cfg, split)
+
+
+def _load_split(dataset_cfg: Any, data_cfg: Any, split: str) -> Dataset:
+    name, on_disk = dataset_cfg.name, disk_split(dataset_cfg, split)
     if name in ("cifar10", "cifar100"):
         return load_cifar(name, data_cfg.root, on_disk, bool(data_cfg.download))
     if name == "stl10":

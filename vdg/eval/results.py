@@ -16,6 +16,9 @@ A record is one JSON object per file in `<checkpoint dir>/results/` (one file pe
     flops_reduction  1 - gated/dense MACs on the evaluated test split, a fraction (0.0 for the dense branch)
     dense_macs, gated_macs   MACs per image of the dense network and (mean) of the evaluated branch
     ckpt, config_hash        the checkpoint and `config_hash(pretraining config, eval config)`
+    backbone_width, pretrain_epochs   the pretraining run's backbone.width and trainer.max_epochs
+    subset_per_class, test_subset_per_class, subset_seed   the pretraining dataset's class-balanced subsets
+                     (null: whole splits); evaluating that same dataset reads the same subsets
     teacher          distilled students (simreg, seed) only: the pretraining config's teacher block (path, format,
                      sha256, pretrain_dataset: the teacher's D_Pretrain, ...)
 
@@ -117,7 +120,12 @@ def base_record(
         "branch": branch,
         "ckpt": str(Path(ckpt).resolve()),
         "config_hash": config_hash(pre, eval_cfg),
+        # the scale of the pretraining run: a width-8 network or a class-balanced subset is not the paper's
+        "backbone_width": (pre.get("backbone") or {}).get("width"),
+        "pretrain_epochs": (pre.get("trainer") or {}).get("max_epochs"),
     }
+    for key in ("subset_per_class", "test_subset_per_class", "subset_seed"):
+        record[key] = pre["dataset"].get(key)
     teacher = pre.get("teacher") or {}
     if teacher.get("path") is not None:  # a distilled student: which teacher (Table 3's D_Pretrain is the teacher's)
         record["teacher"] = teacher

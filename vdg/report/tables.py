@@ -1,5 +1,8 @@
 """The paper's Tables 1-6 rendered from evaluation result JSONs: per cell ours (mean ± std), paper, Δ.
 
+Only full-scale records enter them; reduced-scale runs (a class-balanced subset, a narrow network) fill the
+reduced-scale tables of `vdg.report.mini_table` instead, which show no Δ.
+
 It only reads result records and writes Markdown/CSV; it must not evaluate models or edit any number.
 
 A record (one JSON object per file, written by the evaluation scripts) enters a table when its protocol
@@ -24,6 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from vdg.report.mini_table import (
+    MINI_SPECS,
+    MINI_TABLE_NAMES,
+    build_mini_table,
+    reduced_scale,
+    render_mini_csv,
+    render_mini_markdown,
+)
 from vdg.report.paper_results import (
     DATASET_NAMES,
     DENSE_FLOPS,
@@ -37,6 +48,8 @@ from vdg.report.paper_results import (
 
 MISSING = "—"  # no matching run, or no number printed in the paper
 BUDGET_TOL = 1e-4  # t_d 0.3 and 0.30000001 are the same budget
+# Every table make_tables renders: the paper's (full-scale records only) and the reduced-scale ones (mini_table)
+ALL_TABLES: tuple[str, ...] = (*TABLE_NAMES, *MINI_TABLE_NAMES)
 
 Record = dict[str, Any]
 
@@ -272,6 +285,8 @@ def _augmented(record: Record) -> bool:
 def _in_table(record: Record, spec: TableSpec) -> bool:
     if record.get("protocol") != spec.protocol or record.get("metric", "top1") != "top1":
         return False
+    if reduced_scale(record):  # a subset or a narrow network: only the reduced-scale tables, never next to a Δ
+        return False
     if spec.protocol in ("linear", "transfer") and not _augmented(record):  # the paper's protocol only
         return False
     return spec.protocol != "knn" or (record.get("k") == 1 and record.get("distance") == spec.knn_distance)
@@ -354,9 +369,9 @@ _CELLS: dict[str, Callable[[CellKey, list[Record], PaperValue | None], list[str]
 
 def _check_names(names: Iterable[str]) -> list[str]:
     names = list(names)
-    unknown = [n for n in names if n not in SPECS]
+    unknown = [n for n in names if n not in SPECS and n not in MINI_SPECS]
     if unknown:
-        raise ValueError(f"unknown table(s) {', '.join(unknown)}; allowed: {', '.join(TABLE_NAMES)}")
+        raise ValueError(f"unknown table(s) {', '.join(unknown)}; allowed: {', '.join(ALL_TABLES)}")
     return names
 
 
@@ -379,14 +394,21 @@ def build_table(name: str, records: Iterable[Record]) -> Table:
     return Table(name, spec.title, header, rows, len(spec.label_header), len(used))
 
 
-def unmatched_records(records: Iterable[Record], names: Iterable[str] = TABLE_NAMES) -> list[Record]:
-    """The records that fill no cell of the named tables (another dataset, protocol, k, budget...)."""
-    specs = [SPECS[name] for name in _check_names(names)]
+def unmatched_records(records: Iterable[Record], names: Iterable[str] = ALL_TABLES) -> list[Record]:
+    """The records that fill no cell of the named tables (another dataset, protocol, k, budget, scale...)."""
+    names = _check_names(names)
+    records = list(records)
+    specs = [SPECS[name] for name in names if name in SPECS]
     cells = [(spec, [_cell_key(row, col) for row in spec.rows for col in spec.columns]) for spec in specs]
+    in_mini: set[int] = set()
+    for name in names:
+        if name in MINI_SPECS:
+            in_mini.update(build_mini_table(name, records).used)
     return [
         r
         for r in records
-        if not any(_in_table(r, spec) and any(_same_cell(record_key(r), k) for k in keys) for spec, keys in cells)
+        if id(r) not in in_mini
+        and not any(_in_table(r, spec) and any(_same_cell(record_key(r), k) for k in keys) for spec, keys in cells)
     ]
 
 
@@ -402,7 +424,8 @@ def describe_record(record: Record) -> str:
     data = record.get("dataset", "?")
     if record.get("pretrain_dataset") not in (None, data):
         data = f"{record['pretrain_dataset']} → {data}"
-    return f"{protocol}, {model} {record.get('branch', '?')}, {data}"
+    scale = ", reduced scale" if reduced_scale(record) else ""
+    return f"{protocol}, {model} {record.get('branch', '?')}, {data}{scale}"
 
 
 def render_markdown(table: Table) -> str:
@@ -437,7 +460,7 @@ def render_csv(table: Table) -> str:
 
 
 def make_tables(
-    results_dir: str | Path, out_dir: str | Path | None = None, names: Iterable[str] = TABLE_NAMES
+    results_dir: str | Path, out_dir: str | Path | None = None, names: Iterable[str] = ALL_TABLES
 ) -> dict[str, Path]:
     """Write `<name>.md` and `<name>.csv` per table (default out_dir: results_dir/tables); name -> path."""
     names = _check_names(names)
@@ -446,9 +469,14 @@ def make_tables(
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for name in names:
-        table = build_table(name, records)
-        for suffix, render in ((".md", render_markdown), (".csv", render_csv)):
+        if name in MINI_SPECS:
+            mini = build_mini_table(name, records)
+            texts = {".md": render_mini_markdown(mini), ".csv": render_mini_csv(mini)}
+        else:
+            table = build_table(name, records)
+            texts = {".md": render_markdown(table), ".csv": render_csv(table)}
+        for suffix, text in texts.items():
             path = out / f"{name}{suffix}"
-            path.write_text(render(table), encoding="utf-8")
+            path.write_text(text, encoding="utf-8")
             paths[path.name] = path
     return paths

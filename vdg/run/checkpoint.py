@@ -91,6 +91,7 @@ def require_branch(model: Any, branch: str | Branch) -> Branch:
 # Keys of the pretraining config that define what a run *is*: resuming with any of them changed would silently
 # mix two experiments, so `resume=auto` refuses. Everything else (epochs, workers, logging...) may change.
 RESUME_MUST_MATCH = ("method", "budget", "dataset.name", "dataset.image_size", "dataset.stem", "data.batch_size",
+                     "dataset.subset_per_class", "dataset.test_subset_per_class", "dataset.subset_seed",
                      "backbone", "gating", "seed", "teacher.sha256", "teacher.format", "teacher.branch")
 
 

@@ -393,6 +393,9 @@ def training_summary(
         "flops_reduction_val": None if ratio is None else 1 - ratio,
         "dense_macs": model.cost.dense_macs,
         "width": int(cfg.backbone.width),
+        "subset_per_class": cfg.dataset.get("subset_per_class"),
+        "test_subset_per_class": cfg.dataset.get("test_subset_per_class"),
+        "subset_seed": cfg.dataset.get("subset_seed"),
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }
 
@@ -412,7 +415,10 @@ def _shown_path(path: str) -> str:
 def describe_summary(summary: dict[str, Any]) -> str:
     """A few human-readable lines about a finished run: what ran, its accuracy and cost, and what to run next."""
     steps = f" ({summary['steps']} steps)" if summary.get("steps") else ""
-    lines = [f"{summary['method']} on {summary['dataset']}: {summary['epochs']} epochs{steps}"]
+    data = summary["dataset"]
+    if summary.get("subset_per_class"):
+        data += f" ({summary['subset_per_class']} train images per class, subset_seed {summary.get('subset_seed')})"
+    lines = [f"{summary['method']} on {data}: {summary['epochs']} epochs{steps}"]
     if summary.get("mean_seconds_per_epoch"):
         lines[0] += f", {summary['mean_seconds_per_epoch']:.1f} s/epoch"
     if summary.get("width") != 64:
