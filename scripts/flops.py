@@ -1,7 +1,8 @@
 """Print the backbone's MACs as one JSON object: `python scripts/flops.py dataset=cifar10 [ckpt=PATH]`.
 
 With `ckpt=PATH report=true` also the per-block channel usage of the gated network on the test split, written
-to <checkpoint dir>/results/flops_report.json and channel_usage.png. Options: configs/flops.yaml.
+to <checkpoint dir>/results/flops_report.json and channel_usage.png; with `latency=true` the measured latency
+ratio of sparse over dense execution next to the FLOPs ratio (vdg.deploy.bench). Options: configs/flops.yaml.
 """
 
 import json

@@ -239,6 +239,12 @@ def test_export_script_writes_the_default_files(trained_ckpt, capsys):
         (["ckpt=x.ckpt"], "branch=dense|gated is required"),
         (["ckpt=missing.ckpt", "branch=gated"], "checkpoint not found"),
         (["branch=sparse"], None),
+        (["ckpt=x.ckpt", "branch=gated", "slim=yes"], "slim='yes' must be true or false"),
+        (["ckpt=x.ckpt", "branch=gated", "overwrite=1"], "overwrite=1 must be true or false"),
+        (["ckpt=x.ckpt", "branch=gated", "profile_split=val"], "unknown profile_split 'val'; allowed values"),
+        (["ckpt=x.ckpt", "branch=gated", "+executoin=sparse"], "unknown key executoin (did you mean execution?)"),
+        (["ckpt=x.ckpt", "branch=gated", "+data.rot=/d"], "unknown key data.rot"),
+        (["ckpt=x.ckpt", "branch=gated", "data.num_workers=-1"], "data.num_workers=-1 must be an integer >= 0"),
     ],
 )
 def test_export_script_errors_are_one_line(trained_ckpt, overrides, message):
@@ -255,3 +261,83 @@ def test_export_script_reruns_and_refuses_to_overwrite(trained_ckpt, tmp_path):
     other = write_checkpoint(tmp_path / "other.ckpt")
     with pytest.raises(SystemExit, match="already exist.*overwrite=true"):
         run_export_script(f"ckpt={other}", "branch=dense", f"out_dir={tmp_path}")
+
+
+# ----- executions and slim exports (issue 12) ---------------------------------------------------------------------
+
+
+def test_load_backbone_returns_the_chosen_execution_with_the_same_features(tmp_path):
+    from vdg.deploy.sparse import BlockPath, FoldedResNet
+
+    ckpt = write_checkpoint(tmp_path / "m.ckpt", "backbone.gate_bias_init=0.5")
+    gated = export_backbone(ckpt, "gated", out_dir=tmp_path)
+    expected = reference_features(ckpt, "gated", IMAGES)
+    assert isinstance(load_backbone(gated["pt"]), BranchBackbone)  # the default stays the module as trained
+    for execution in ("folded", "sparse"):
+        model = load_backbone(gated["safetensors"], execution=execution)
+        assert isinstance(model, FoldedResNet) and model.branch is Branch.GATED and model.feature_dim == 32
+        assert model.config["branch"] == "gated"
+        assert ((model(IMAGES) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+        masks = model.encode(IMAGES).masks
+        assert [m.shape for m in masks] == [m.shape for m in load_backbone(gated["pt"]).encode(IMAGES).masks]
+    sparse, folded = load_backbone(gated["pt"], execution="sparse"), load_backbone(gated["pt"], execution="folded")
+    assert sparse.skip_inactive and not folded.skip_inactive
+    sparse.set_plan(1, [BlockPath.SAMPLE] * 8)  # width 4: the default would be masked everywhere
+    folded.set_plan(1, [BlockPath.SAMPLE] * 8)
+    assert sparse.paths(1, 32) == [BlockPath.SAMPLE] * 8 and folded.paths(1, 32) == [BlockPath.MASKED] * 8
+    dense = export_backbone(ckpt, "dense", out_dir=tmp_path)
+    model = load_backbone(dense["pt"], execution="folded")
+    expected = reference_features(ckpt, "dense", IMAGES)
+    assert ((model(IMAGES) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    with pytest.raises(ValueError, match="holds the dense network, which has no gates"):
+        load_backbone(dense["pt"], execution="sparse")
+    allowed = r"allowed values: \['masked', 'folded', 'sparse'\]"
+    with pytest.raises(ValueError, match=r"unknown execution 'fast'; " + allowed):
+        load_backbone(gated["pt"], execution="fast")
+
+
+def test_export_records_the_default_execution(tmp_path):
+    from vdg.deploy.sparse import FoldedResNet
+
+    ckpt = write_checkpoint(tmp_path / "m.ckpt")
+    paths = export_backbone(ckpt, "gated", out_dir=tmp_path, execution="sparse")
+    assert json.loads(paths["json"].read_text())["execution"] == "sparse"
+    assert isinstance(load_backbone(paths["json"]), FoldedResNet)
+    assert isinstance(load_backbone(paths["json"], execution="masked"), BranchBackbone)
+    with pytest.raises(ValueError, match="execution=sparse needs the gated network"):
+        export_backbone(ckpt, "dense", out_dir=tmp_path, execution="sparse")
+
+
+def test_slim_export_is_the_compacted_gated_network_and_its_profile(trained_ckpt, tmp_path):
+    from vdg.data.module import eval_loader
+    from vdg.deploy.slim import ChannelProfile, checkpoint_profile, slim_widths
+
+    paths = export_backbone(trained_ckpt, "gated", out_dir=tmp_path, slim=True, execution="sparse")
+    assert paths["json"].name == "vdg-synthetic-td0.3-gated-slim.json"
+    meta = json.loads(paths["json"].read_text())
+    profile = ChannelProfile.load(paths["profile"])
+    assert profile.samples == 64 and meta["slim"]["profile_split"] == "train"  # the run's 64 training images
+    assert meta["slim"]["kept"] == [int((f > 0).sum()) for f in profile.frequency]
+    assert meta["slim"]["slim_widths"] == slim_widths(profile) == slim_widths(checkpoint_profile(trained_ckpt))
+    assert meta["arch"]["block_widths"] == [max(k, 1) for k in meta["slim"]["kept"]]
+    model, full = load_backbone(paths["safetensors"]), load_method(trained_ckpt)
+    images = torch.cat([x for x, _ in eval_loader(full.cfg, "train", 32)])  # the profiled images
+    with torch.no_grad():
+        expected = full.backbone(images, Branch.GATED).features
+    assert ((model(images) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    with pytest.raises(ValueError, match="slim=true needs the gated network"):
+        export_backbone(trained_ckpt, "dense", out_dir=tmp_path, slim=True)
+
+
+def test_export_script_slim_and_execution_options(trained_ckpt, tmp_path, capsys):
+    run_export_script(f"ckpt={trained_ckpt}", "branch=gated", f"out_dir={tmp_path}", "slim=true", "execution=sparse")
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"pt", "safetensors", "json", "profile"} and all(Path(p).is_file() for p in printed.values())
+    written = {key: Path(p).stat().st_mtime_ns for key, p in printed.items()}
+    run_export_script(f"ckpt={trained_ckpt}", "branch=gated", f"out_dir={tmp_path}", "slim=true", "execution=sparse")
+    assert {key: Path(p).stat().st_mtime_ns for key, p in printed.items()} == written  # the same export: no rewrite
+    with pytest.raises(SystemExit, match="already exist.*overwrite=true"):  # another default execution: refused
+        run_export_script(f"ckpt={trained_ckpt}", "branch=gated", f"out_dir={tmp_path}", "slim=true")
+    allowed = r"allowed values: \['masked', 'folded', 'sparse'\]"
+    with pytest.raises(SystemExit, match=r"error: unknown execution 'quick'; " + allowed):
+        run_export_script(f"ckpt={trained_ckpt}", "branch=gated", f"out_dir={tmp_path}", "execution=quick")

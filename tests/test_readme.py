@@ -56,6 +56,8 @@ TINY_EVAL = {
     "scripts/linear_eval.py": ["epochs=1", "runs=1", "batch_size=128"],
     "scripts/bench_eval.py": ["epochs=2", "runs=2", "batch_size=256", "bench_epochs=1", "repeats=1"],
     "scripts/umap_plot.py": ["max_samples=60"],
+    "scripts/bench_inference.py": ["model.width=4", "rounds=1", "warmup=0", "calibration.images=16"],
+    "scripts/flops.py": ["bench.images=2", "bench.rounds=1", "bench.warmup=0"],
 }  # scripts/export.py runs as written: the quickstart exported already, exporting again must not fail
 # Commands that cannot run here, with why, checked by composing their config instead.
 PARSE_ONLY = {
@@ -325,6 +327,13 @@ def check_outputs(argv: list[str], out: str, cwd: Path, index: int) -> None:
             assert summary["dense_macs"] == 1_813_561_344  # the README's 1.81E9
         if "report=true" in argv:
             assert (cwd / "runs/quickstart/checkpoints/results/channel_usage.png").read_bytes().startswith(PNG)
+        if "latency=true" in argv:
+            assert summary["latency_ratio"] > 0 and summary["latency"]["max_rel_diff"] <= 1e-4
+    elif script == "scripts/bench_inference.py":
+        result = json.loads(out)
+        assert result["masks"] == ("checkpoint" if any(a.startswith("ckpt=") for a in argv) else "calibrated")
+        assert result["latency_ratio"] > 0 and result["max_rel_diff"] <= 1e-4
+        assert Path(result["results"]).is_file()
     elif script == "scripts/umap_plot.py":
         plot = out.strip().rsplit(": ", 1)[1]
         assert out.startswith("UMAP (n_neighbors ") and (cwd / plot).read_bytes().startswith(PNG)
@@ -340,6 +349,7 @@ def check_outputs(argv: list[str], out: str, cwd: Path, index: int) -> None:
     elif script == "scripts/export.py":
         paths = json.loads(out)
         assert all(Path(p).is_file() for p in paths.values())
+        assert ("profile" in paths) == ("slim=true" in argv)
 
 
 def check_slurm_command(argv: list[str], cwd: Path, capsys) -> None:

@@ -14,10 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vdg.deploy.sparse import FoldedResNet
 from vdg.models import BackboneOutput, Branch, GatedResNet
 from vdg.run.checkpoint import CheckpointError, load_method, read_checkpoint, require_branch
+from vdg.run.config import check_bool, check_choice
 
 EXPORT_FORMAT = "vdg-backbone"
+EXECUTIONS = ("masked", "folded", "sparse")  # how `load_backbone` runs a network; see its docstring
 FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".pt")
 METADATA_KEY = "vdg_export"  # the export JSON, also stored in the .safetensors header
@@ -128,26 +131,59 @@ def export_backbone(
     name: str | None = None,
     overwrite: bool = False,
     expected_method: str | None = None,
+    execution: str | None = None,
+    slim: bool = False,
+    profile_split: str = "train",
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write one branch of a checkpoint's backbone as <name>.pt, <name>.safetensors and <name>.json.
 
-    out_dir: default <checkpoint dir>/export; name: default `export_name`. When the three files already hold
+    out_dir: default <checkpoint dir>/export; name: default `export_name` (+ "-slim"). When the files already hold
     exactly this export (same weights, source checkpoint and settings, as pretraining leaves them), nothing is
     rewritten; other existing files are refused unless `overwrite`. Returns {"pt": ..., "safetensors": ...,
-    "json": ...}. The JSON holds the architecture (`GatedResNet.arch_config()`), the gate settings, t_d, the
-    input normalisation and the source checkpoint.
+    "json": ...} (+ "profile" when slim). The JSON holds the architecture (`GatedResNet.arch_config()`), the gate
+    settings, t_d, the input normalisation, the source checkpoint and the default execution.
+
+    execution: the default of `load_backbone` for this export ("masked" | "folded" | "sparse"; None = "masked").
+    slim: export the compacted gated network instead (`vdg.deploy.slim.compact_gated`): the channels the gates
+    never kept on the checkpoint's `profile_split` removed, the always-kept ones ungated; the channel profile is
+    written to <name>.profile.json and the slim dense widths (the paper's Table 3 students) into the JSON.
+    data: keys of the checkpoint's `data:` block to override for profiling (e.g. {"root": "/data"}).
     """
     from safetensors.torch import save_file
 
+    if execution is not None:
+        check_choice("execution", execution, EXECUTIONS)
+    check_bool("slim", slim)
+    check_choice("profile_split", profile_split, PROFILE_SPLITS)
     model = load_method(ckpt, expected_method)  # weights_only, strict, eval mode
     branch = require_branch(model, branch)
+    if (execution == "sparse" or slim) and branch is not Branch.GATED:
+        what = "execution=sparse" if execution == "sparse" else "slim=true"
+        raise ValueError(f"{what} needs the gated network (branch=gated): the dense network has no gates")
     encoder = branch_encoder(model.backbone, branch)
+    slim_info = None
+    if slim:
+        from vdg.deploy.slim import checkpoint_profile, compact_gated, compaction, slim_widths
+
+        profile = checkpoint_profile(ckpt, profile_split, data)
+        encoder = compact_gated(model.backbone, profile)
+        slim_info = {
+            "profile_split": profile_split,
+            "profile_samples": profile.samples,
+            "channels": profile.channels,
+            "kept": [len(row["kept"]) for row in compaction(profile)],
+            "always_on": [len(row["always_on"]) for row in compaction(profile)],
+            "slim_widths": slim_widths(profile),  # conv1 widths of the slim dense ResNet-18 (`slim_resnet`)
+        }
     source = read_checkpoint(ckpt)
     cfg = model.cfg
     budget = float(cfg.budget) if model.backbone.gated else None
-    stem = name or export_name(str(cfg.method.name), str(cfg.dataset.name), budget, branch)
+    stem = name or export_name(str(cfg.method.name), str(cfg.dataset.name), budget, branch) + ("-slim" if slim else "")
     out = Path(out_dir) if out_dir is not None else Path(ckpt).resolve().parent / "export"
     paths = {"pt": out / f"{stem}.pt", "safetensors": out / f"{stem}.safetensors", "json": out / f"{stem}.json"}
+    if slim:
+        paths["profile"] = out / f"{stem}.profile.json"
     gate = encoder.blocks[0].gate
     metadata = {
         "format": EXPORT_FORMAT,
@@ -175,8 +211,11 @@ def export_backbone(
             "global_step": int(source.get("global_step", -1)),
             "arch": model.backbone.arch_config(),
         },
-        "files": {key: path.name for key, path in paths.items() if key != "json"},
+        "files": {key: path.name for key, path in paths.items() if key in ("pt", "safetensors")},
+        "execution": execution or "masked",
     }
+    if slim_info is not None:
+        metadata["slim"] = {**slim_info, "profile": paths["profile"].name}
     state = {key: value.contiguous() for key, value in encoder.state_dict().items()}
     existing = [p for p in paths.values() if p.exists()]
     if existing and not overwrite:
@@ -194,8 +233,46 @@ def export_backbone(
     remove_orphans(out)  # temp files of killed exports
     _atomic_write(paths["pt"], lambda tmp: torch.save(state, tmp))
     _atomic_write(paths["safetensors"], lambda tmp: save_file(state, tmp, {METADATA_KEY: json.dumps(metadata)}))
+    if slim:
+        _atomic_write(paths["profile"], lambda tmp: profile.save(tmp))
     _atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
     return paths
+
+
+PROFILE_SPLITS = ("train", "test")  # splits `slim=true` may profile the gate policy on (evaluation transform)
+
+
+def check_export_config(cfg: Any) -> None:
+    """Every option of scripts/export.py (configs/export.yaml), before the checkpoint is read: unknown keys,
+    types and values are one `ConfigError` line naming the key and the allowed values."""
+    from omegaconf import OmegaConf
+
+    from vdg.run.config import CONFIG_DIR, ConfigError, check_int, check_known_keys, check_str
+
+    for key, what in (("ckpt", "ckpt=PATH: the pretraining checkpoint"), ("branch", "branch=dense|gated")):
+        if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
+            raise ConfigError(f"{what} is required")
+    config = CONFIG_DIR / "export.yaml"
+    if config.is_file():
+        check_known_keys("", cfg, [k for k in OmegaConf.load(config) if k != "defaults"])
+    check_str("ckpt", cfg.ckpt)
+    check_choice("branch", cfg.branch, [b.value for b in Branch])
+    for key in ("expected_method", "out_dir", "name"):
+        check_str(key, cfg.get(key), optional=True)
+    check_bool("overwrite", cfg.overwrite)
+    check_bool("slim", cfg.slim)
+    if cfg.execution is not None:
+        check_choice("execution", cfg.execution, EXECUTIONS)
+    check_choice("profile_split", cfg.profile_split, PROFILE_SPLITS)
+    data = cfg.get("data") or {}
+    check_known_keys("data", data, ("root", "download", "num_workers", "pin_memory"))
+    if data.get("root") is not None:
+        check_str("data.root", data.root)
+    for key in ("download", "pin_memory"):
+        if data.get(key) is not None:
+            check_bool(f"data.{key}", data[key])
+    if data.get("num_workers") is not None:
+        check_int("data.num_workers", data.num_workers, 0)
 
 
 def _read_export(path: Path) -> tuple[dict[str, Any], Path]:
@@ -252,14 +329,22 @@ def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone(path: str | Path, branch: str | Branch | None = None) -> BranchBackbone:
-    """Load an export of scripts/export.py as a `BranchBackbone` in eval mode: model(x) -> [N, 512] features.
+def load_backbone(
+    path: str | Path, branch: str | Branch | None = None, execution: str | None = None
+) -> BranchBackbone | FoldedResNet:
+    """Load an export of scripts/export.py in eval mode: model(x) -> [N, 512] features, model.encode(x) -> masks.
 
     path: the .safetensors, .pt or .json of one export (the .json next to the weights describes them).
     branch: None, or the branch the caller expects ("dense" | "gated"); another branch is an error.
+    execution: how the network runs (None = the export's own choice, "masked" unless exported otherwise):
+        "masked": a `BranchBackbone`, the `GatedResNet` module as trained (the gated network computes every
+            channel and multiplies by its mask); "folded": a `FoldedResNet`, the same computation with eval
+            BatchNorm folded into prepacked oneDNN convolutions (faster on CPUs, inference only); "sparse":
+            a `FoldedResNet` of the gated network that skips the work of gated-off channels
+            (`vdg.deploy.sparse`). All three give the same features up to float round-off.
     Weights are read with safetensors or `torch.load(weights_only=True)`, on the CPU.
 
-        model = vdg.load_backbone("runs/.../export/vdg-cifar100-td0.3-gated.safetensors")
+        model = vdg.load_backbone("runs/.../export/vdg-cifar100-td0.3-gated.safetensors", execution="sparse")
         features = model(images)  # images normalised with model.config["normalize"]["mean"] / ["std"]
     """
     path = Path(path).expanduser()
@@ -275,6 +360,12 @@ def load_backbone(path: str | Path, branch: str | Branch | None = None) -> Branc
             f"{path} holds the {exported.value} branch, not {wanted!r}; export that one with "
             f"`python scripts/export.py ckpt={metadata['source']['checkpoint']} branch={wanted}`"
         )
+    execution = check_choice("execution", execution or metadata.get("execution") or "masked", EXECUTIONS)
+    if execution == "sparse" and exported is not Branch.GATED:
+        raise ValueError(
+            f"execution='sparse' skips gated-off channels, and {path} holds the dense network, which has no gates; "
+            "use execution='folded' (or 'masked')"
+        )
     gate = metadata.get("gate") or {}
     encoder = _build_encoder(metadata["arch"], exported, gate.get("temperature", 2.0 / 3.0))
     try:
@@ -283,4 +374,7 @@ def load_backbone(path: str | Path, branch: str | Branch | None = None) -> Branc
         detail = "; ".join(line.strip() for line in str(err).strip().splitlines()[:3])
         raise CheckpointError(f"{weights} does not fit the architecture in its JSON {metadata['arch']}: {detail}") \
             from err
-    return BranchBackbone(encoder, exported, metadata).eval()
+    encoder.eval()
+    if execution == "masked":
+        return BranchBackbone(encoder, exported, metadata).eval()
+    return FoldedResNet(encoder, exported, skip_inactive=execution == "sparse", config=metadata)

@@ -1,8 +1,10 @@
-"""Channel-usage profiles of a gated network's policy, and slim dense ResNet-18s whose widths follow it.
+"""Channel-usage profiles of a gated network's policy, slim dense ResNet-18s whose widths follow it, and the
+compacted gated network without the channels the policy never uses.
 
 The paper's Table 3 students are "sampled from R18's subspace with the number of filters for each basic block
 derived from our gating network": `slim_widths(profile)` gives those per-block conv1 widths and `slim_resnet`
-builds the (untrained) student. Profiles are measured here; nothing in this module trains.
+builds the (untrained) student. `compact_gated` removes never-active channels from the trained gated network
+and ungates always-active ones. Profiles are measured here; nothing in this module trains.
 """
 
 from __future__ import annotations
@@ -160,3 +162,90 @@ def checkpoint_profile(
         if value is not None:
             cfg.data[key] = value
     return channel_profile(model.backbone, eval_loader(cfg, split, batch_size), device)
+
+
+# A gate logit this large keeps its channel on (or, negated, off) whatever the input: used for channels a compacted
+# network keeps always on (the gate's weights for them are zeroed, so the logit is exactly this constant).
+FORCED_LOGIT = 1e4
+
+
+def compaction(profile: ChannelProfile) -> list[dict[str, Any]]:
+    """Per block, what `compact_gated` does with `profile`'s channels: kept (active on some sample), always on
+    (kept and active on every sample) and removed (never active) channel indices."""
+    rows = []
+    for freq in profile.frequency:
+        kept = torch.nonzero(freq > 0).flatten()
+        rows.append(
+            {
+                "channels": freq.numel(),
+                "kept": kept.tolist(),
+                "always_on": torch.nonzero(freq >= 1).flatten().tolist(),
+                "removed": torch.nonzero(freq <= 0).flatten().tolist(),
+            }
+        )
+    return rows
+
+
+@torch.no_grad()
+def compact_gated(backbone: nn.Module, profile: ChannelProfile) -> GatedResNet:
+    """The gated network without the conv1 channels `profile` never saw active, and with the always-active ones
+    left ungated (the paper's policy, made static where the data showed it static). Eval mode, gated branch only.
+
+    Block b keeps the channels with frequency > 0 (conv1 rows, BN1 entries, conv2 columns, gate outputs); a gate
+    output of an always-active channel gets zero weights and the bias +`FORCED_LOGIT`, so it is on for every
+    input; a block whose channels were all never active keeps one channel, forced off. The result is a plain
+    `GatedResNet` (`block_widths` = kept channels, gates with a bias), so every vdg tool, `load_backbone` and the
+    sparse engine run it.
+
+    Equality: its features equal the gated network's on every sample whose removed channels are off and whose
+    always-active channels are on, which is every sample of the profiled dataset (up to float round-off).
+    """
+    from vdg.deploy.export import branch_encoder
+
+    source = branch_encoder(gated_encoder(backbone), Branch.GATED)
+    channels = [block.mid_planes for block in source.blocks]
+    if profile.channels != channels:
+        raise ValueError(f"the profile has {profile.channels} channels per block; this network has {channels}")
+    plan = compaction(profile)
+    kept = [torch.tensor(row["kept"] or [0], dtype=torch.long) for row in plan]
+    gate = source.blocks[0].gate
+    compact = GatedResNet(
+        width=source.width,
+        stem=source.stem_kind,
+        branches=(Branch.GATED,),
+        bn_split=source.bn_split,
+        gate_reduction=gate.reduction,
+        gate_temperature=gate.temperature,
+        gate_bias_init=0.0,
+        block_widths=[len(k) for k in kept],
+    ).eval()
+    state = source.state_dict()
+    target = compact.state_dict()
+    for key in target:
+        if key not in state:  # the gate bias of a source without one: zero, the same logits
+            target[key] = torch.zeros_like(target[key])
+            continue
+        value = state[key]
+        parts = key.split(".")
+        if parts[0] == "blocks":
+            index, module = int(parts[1]), parts[2]
+            rows = kept[index]
+            if module == "conv1" or (module == "bn1" and value.ndim == 1):
+                value = value.index_select(0, rows)
+            elif module == "conv2":
+                value = value.index_select(1, rows)
+            elif module == "gate" and parts[3] == "expand":
+                value = value.index_select(0, rows)
+        target[key] = value.clone()
+    for index, row in enumerate(plan):
+        position = {c: i for i, c in enumerate(kept[index].tolist())}
+        forced = [position[c] for c in row["always_on"]]
+        weight = target[f"blocks.{index}.gate.expand.weight"]
+        bias = target[f"blocks.{index}.gate.expand.bias"]
+        weight[forced] = 0.0
+        bias[forced] = FORCED_LOGIT
+        if not row["kept"]:  # nothing was ever active: the one channel kept is forced off
+            weight.zero_()
+            bias.fill_(-FORCED_LOGIT)
+    compact.load_state_dict(target, strict=True)
+    return compact.eval()

@@ -3,7 +3,8 @@ network's realised MACs over the test split (deterministic gates). Counting itse
 
 With `report=true` it also counts, per block, the channels that are always off, always on or data-dependent
 over the test split (the paper's supplementary figure) and writes flops_report.json + channel_usage.png to
-`<checkpoint dir>/results/`.
+`<checkpoint dir>/results/`. With `latency=true` it times the gated network's sparse execution against the dense
+network (`vdg.deploy.bench`) and reports the measured latency ratio next to the FLOPs ratio.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def check_flops_config(cfg: DictConfig) -> None:
     from vdg.run.rundir import check_writable
 
     check_bool("report", cfg.get("report", False))
+    if check_bool("latency", cfg.get("latency", False)):
+        bench = cfg.get("bench") or {}
+        for key, low in (("batch_size", 1), ("threads", 1), ("images", 1), ("rounds", 1), ("warmup", 0)):
+            check_int(f"bench.{key}", bench.get(key), low)
     check_int("backbone.width", cfg.backbone.width, 4)
     check_int("dataset.image_size", cfg.dataset.image_size, 8)
     check_choice("dataset.stem", cfg.dataset.stem, ("cifar", "imagenet"))
@@ -62,6 +67,10 @@ def check_flops_config(cfg: DictConfig) -> None:
 
 def flops_summary(cfg: DictConfig) -> dict[str, Any]:
     check_flops_config(cfg)
+    if cfg.get("latency", False) and cfg.get("ckpt") is None:
+        from vdg.run.config import ConfigError
+
+        raise ConfigError("latency=true needs ckpt=PATH: it times the checkpoint's gated network on its own masks")
     if cfg.get("ckpt") is None:
         backbone = GatedResNet(width=int(cfg.backbone.width), stem=cfg.dataset.stem)
         cost = network_cost(backbone, int(cfg.dataset.image_size))
@@ -101,10 +110,34 @@ def flops_summary(cfg: DictConfig) -> dict[str, Any]:
         "reduction": gates["flops_reduction"],
         "density_per_block": gates["density_per_block"],
     }
+    if cfg.get("latency", False):
+        summary.update(latency_summary(cfg))
     if report:
         summary["blocks"] = block_usage(model.cost, test.active_channels, test.masks)
         summary.update(write_report(cfg, model, summary, len(test)))
     return summary
+
+
+def latency_summary(cfg: DictConfig) -> dict[str, Any]:
+    """`latency_ratio` (sparse / dense execution) and the timings behind it, on the checkpoint's test images."""
+    from vdg.deploy.bench import checkpoint_setup, measure
+
+    bench = cfg.bench
+    data = {key: value for key, value in cfg.data.items() if value is not None and key != "batch_size"}
+    setup = checkpoint_setup(cfg.ckpt, data, int(bench.images), "test")
+    result = measure(
+        setup,
+        int(bench.batch_size),
+        int(bench.threads),
+        rounds=int(bench.rounds),
+        warmup=int(bench.warmup),
+        executions=("dense", "masked", "sparse"),
+    )
+    keys = ("dense_ms", "masked_ms", "sparse_ms", "flops_ratio", "latency_ratio", "max_rel_diff", "batch_size")
+    return {
+        "latency_ratio": result["latency_ratio"],
+        "latency": {**{k: result[k] for k in keys}, "threads": result["threads"], "device": result["device"]},
+    }
 
 
 def write_report(cfg: DictConfig, model: Any, summary: dict[str, Any], num_test: int) -> dict[str, str]:
@@ -125,6 +158,8 @@ def write_report(cfg: DictConfig, model: Any, summary: dict[str, Any], num_test:
             "blocks": summary["blocks"],
         }
     )
+    if "latency" in summary:
+        record["latency"] = summary["latency"]
     report_path = write_json(record, out / "flops_report.json")
     budget = "" if model.cfg.method.name == "vicreg" else f" t_d {float(model.cfg.budget):g},"
     title = (

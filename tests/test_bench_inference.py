@@ -1,0 +1,125 @@
+"""scripts/bench_inference.py and vdg/deploy/bench.py: the timing harness reports every execution, checks sparse
+against the masked reference, labels its masks, and appends a row; flops.py's latency=true. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vdg.deploy.bench import (
+    EXECUTIONS,
+    append_row,
+    batches,
+    calibrated_setup,
+    checkpoint_setup,
+    interleaved_times,
+    measure,
+)
+from vdg.report.flops import flops_summary
+from vdg.run.config import ConfigError
+
+from .conftest import compose_config
+from .test_export import write_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = ("dense_ms", "masked_ms", "sparse_ms", "slim_ms", "flops_ratio", "latency_ratio", "max_abs_diff")
+REQUIRED += ("batch_size", "threads", "device", "masks")
+
+
+def run_script(*overrides: str) -> None:
+    argv = sys.argv
+    sys.argv = ["bench_inference.py", *overrides]
+    try:
+        runpy.run_path(str(REPO / "scripts" / "bench_inference.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp_path):
+    setup = calibrated_setup(4, "cifar", 32, 0.5, num_images=3, calibration_images=32, seed=0)
+    result = measure(setup, batch_size=2, threads=1, rounds=2, warmup=0)
+    assert all(key in result for key in REQUIRED)
+    assert {f"{name}_ms" for name in EXECUTIONS} <= set(result) and all(result[f"{n}_ms"] > 0 for n in EXECUTIONS)
+    assert result["masks"] == "calibrated" and result["batch_size"] == 2 and result["threads"] == 1
+    assert result["max_rel_diff"] <= 1e-4 and 0 < result["flops_ratio"] < 1
+    assert len(result["plan"]) == 8 and len(result["slim_widths"]) == 8 and result["images"] == 3
+    path = append_row(result, tmp_path / "inference.md")
+    append_row(result, path)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "# Inference latency (scripts/bench_inference.py)"
+    assert sum(line.startswith("| 20") for line in lines) == 2 and "| calibrated | 4 | cifar 32px | 2 |" in lines[-1]
+
+
+def test_batches_cycle_through_too_few_images():
+    images = torch.arange(3.0).view(3, 1, 1, 1)
+    assert [b.flatten().tolist() for b in batches(images, 2)] == [[0.0, 1.0]]
+    assert batches(images, 5)[0].flatten().tolist() == [0.0, 1.0, 2.0, 0.0, 1.0]
+
+
+def test_interleaved_times_rotate_the_order():
+    order = []
+    interleaved_times({k: (lambda k=k: order.append(k)) for k in "abc"}, repeats=3, warmup=0, rotate=True)
+    assert order == list("abcbcacab")
+
+
+def test_checkpoint_masks_are_labelled_and_timed(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "m.ckpt", "backbone.gate_bias_init=0.5")
+    setup = checkpoint_setup(ckpt, None, num_images=4)
+    assert setup.masks == "checkpoint" and setup.images.shape == (4, 3, 32, 32)
+    result = measure(setup, 2, 1, rounds=1, warmup=0, plan="sample", executions=("dense", "sparse"))
+    assert result["masks"] == "checkpoint" and result["setup_dense_weights"] == "checkpoint"
+    assert result["plan"] == ["sample"] * 8 and result["plan_choice"] == "sample"
+    assert result["max_rel_diff"] <= 1e-4 and "masked_ms" not in result and result["latency_ratio"] > 0
+    gated_only = write_checkpoint(tmp_path / "g.ckpt", "method=vicreg_gating")
+    assert checkpoint_setup(gated_only, None, 2).notes["dense_weights"].startswith("random")
+
+
+def test_bench_script_prints_json_and_appends_a_row(tmp_path, capsys):
+    results = tmp_path / "inference.md"
+    run_script("model.width=4", "images=2", "rounds=1", "warmup=0", "calibration.images=16", f"results={results}")
+    printed = json.loads(capsys.readouterr().out)
+    assert all(key in printed for key in REQUIRED) and printed["masks"] == "calibrated"
+    assert printed["results"] == str(results) and results.read_text().count("| calibrated |") == 1
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("batch_size=0", "batch_size=0 must be an integer >= 1"),
+        ("rounds=1.5", "rounds=1.5 must be an integer >= 1"),
+        ("executions=[sparse]", "must include 'dense'"),
+        ("executions=[dense,fast]", "unknown executions 'fast'; allowed values: ['dense', 'masked', 'sparse'"),
+        ("calibration.density=[0.3,0.2]", "one number in [0, 1] or 8 of them"),
+        ("calibration.density=1.5", "calibration.density=1.5 must be a number in [0, 1]"),
+        ("model.stem=vit", "unknown model.stem 'vit'; allowed values: ['cifar', 'imagenet']"),
+        ("device=tpu", "unknown device 'tpu'; allowed values: ['cpu', 'cuda']"),
+        ("plan=fast", "unknown plan 'fast'; allowed values: ['default', 'tune', 'sample', 'masked']"),
+        ("split=val", "unknown split 'val'; allowed values"),
+        ("+threadz=2", "unknown key threadz (did you mean threads?)"),
+        ("+model.depth=34", "unknown key model.depth"),
+        ("batch_size=128", "images=64 < batch_size=128: a timed batch must hold distinct images"),
+        ("ckpt=/no/such.ckpt", "checkpoint not found"),
+    ],
+)
+def test_bench_script_bad_input_is_one_line(override, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(override, "results=null")
+    assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
+
+
+def test_flops_latency_reports_the_latency_ratio_next_to_the_flops_ratio(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "m.ckpt")
+    overrides = ["bench.images=2", "bench.rounds=1", "bench.warmup=0", "bench.threads=1", "data.num_workers=0"]
+    cfg = compose_config([f"ckpt={ckpt}", "latency=true", *overrides], config_name="flops")
+    summary = flops_summary(cfg)
+    assert summary["latency_ratio"] > 0 and 0 < summary["flops_ratio"] <= 1
+    assert {"dense_ms", "sparse_ms", "masked_ms", "flops_ratio", "max_rel_diff"} <= set(summary["latency"])
+    with pytest.raises(ConfigError, match="latency=true needs ckpt"):
+        flops_summary(compose_config(["latency=true"], config_name="flops"))
+    with pytest.raises(ConfigError, match="bench.threads=0 must be an integer >= 1"):
+        flops_summary(compose_config([f"ckpt={ckpt}", "latency=true", "bench.threads=0"], config_name="flops"))

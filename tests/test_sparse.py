@@ -1,0 +1,206 @@
+"""Folded and sparse execution (vdg/deploy/sparse.py, kernels.py) and compacted gated networks (vdg/deploy/slim.py):
+each equals the masked eval forward of the `GatedResNet` it was built from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vdg.deploy.bench import calibrate_gates, distinct_mask_fraction
+from vdg.deploy.kernels import Workspace, fold_batchnorm, im2col_hwc
+from vdg.deploy.slim import FORCED_LOGIT, compact_gated, compaction, profile_from_masks, slim_resnet
+from vdg.deploy.sparse import BlockPath, FoldedBlock, FoldedResNet
+from vdg.models import Branch, GatedResNet
+
+from .test_export import randomise_norms
+
+ALL_OFF, ALL_ON = 2, 5  # blocks whose gates are forced shut / open in `gated_network`
+SAMPLE, MASKED = [BlockPath.SAMPLE] * 8, [BlockPath.MASKED] * 8
+
+
+def gated_network(stem: str = "cifar", size: int = 32, width: int = 4, seed: int = 0) -> GatedResNet:
+    """A dual-branch network with random BatchNorm statistics whose gates keep ~40% of channels (masks differ
+    between samples), except block ALL_OFF (every channel off) and block ALL_ON (every channel on)."""
+    torch.manual_seed(seed)
+    # gate_reduction=1: at width 4 the default bottleneck has one hidden unit, which random BN statistics can kill
+    net = GatedResNet(width=width, stem=stem, gate_bias_init=0.0, gate_reduction=1).eval()
+    randomise_norms(net, seed)
+    density = [0.4] * 8
+    density[ALL_OFF], density[ALL_ON] = 0.0, 1.0
+    calibrate_gates(net, torch.randn(48, 3, size, size, generator=torch.Generator().manual_seed(seed + 1)), density)
+    for index, sign in ((ALL_OFF, -1), (ALL_ON, 1)):  # for every input, not only the calibration images
+        net.blocks[index].gate.expand.weight.data.zero_()
+        net.blocks[index].gate.expand.bias.data.fill_(sign * FORCED_LOGIT)
+    return net
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("stem,size", [("cifar", 32), ("imagenet", 64)])
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_every_execution_equals_the_masked_eval_forward(stem, size, batch):
+    net = gated_network(stem, size)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        reference = net(x, Branch.GATED)
+    density = [m.mean().item() for m in reference.masks]
+    assert density[ALL_OFF] == 0.0 and density[ALL_ON] == 1.0
+    mixed = [0.0 < d < 1.0 for i, d in enumerate(density) if i not in (ALL_OFF, ALL_ON)]
+    assert all(mixed) if batch > 1 else any(mixed)  # one sample may keep all (or none) of a block's 4 channels
+    engine = FoldedResNet(net, Branch.GATED)
+    for paths in (SAMPLE, MASKED, None):  # None: the default plan for this batch size
+        out = engine.encode(x, paths)
+        assert all(torch.equal(a, b) for a, b in zip(out.masks, reference.masks, strict=True)), paths
+        assert relative_difference(out.features, reference.features) <= 1e-4, paths
+    with torch.no_grad():
+        dense = net(x, Branch.DENSE).features
+    assert relative_difference(FoldedResNet(net, Branch.DENSE)(x), dense) <= 1e-4
+
+
+def test_samples_with_identical_masks_share_one_gathered_call(monkeypatch):
+    net = gated_network()
+    base = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    x = base[[0, 1, 0, 2, 1, 0]]  # 6 samples, 3 distinct images, so at most 3 distinct masks per block
+    calls = []
+    original = FoldedBlock.sample
+    counted = lambda self, xs, active: calls.append(len(xs)) or original(self, xs, active)
+    monkeypatch.setattr(FoldedBlock, "sample", counted)
+    out = FoldedResNet(net, Branch.GATED).encode(x, SAMPLE)
+    with torch.no_grad():
+        reference = net(x, Branch.GATED)
+    assert relative_difference(out.features, reference.features) <= 1e-4
+    distinct = sum(torch.unique(m, dim=0).shape[0] for m in reference.masks)
+    assert len(calls) == distinct <= 3 * 8 and sum(calls) == 6 * 8
+
+
+def test_per_sample_path_splits_a_batch_over_threads_with_the_same_result():
+    net = gated_network()
+    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        reference = net(x, Branch.GATED).features
+    engine = FoldedResNet(net, Branch.GATED)
+    torch.set_num_threads(2)  # the conftest fixture sets 1 again for the next test
+    out = engine.encode(x, SAMPLE).features
+    assert torch.get_num_threads() == 2  # restored after the parallel section
+    assert relative_difference(out, reference) <= 1e-4
+
+
+def test_tune_measures_a_path_per_block_and_keeps_it_for_that_batch_size():
+    net = gated_network()
+    engine = FoldedResNet(net, Branch.GATED)
+    x = torch.randn(2, 3, 32, 32)
+    chosen = engine.tune(x, repeats=1)
+    assert len(chosen) == 8 and all(isinstance(p, BlockPath) for p in chosen)
+    assert engine.paths(2, 32) == chosen
+    with torch.no_grad():
+        assert relative_difference(engine(x), net(x, Branch.GATED).features) <= 1e-4
+    with pytest.raises(ValueError, match="one path per block"):
+        engine.set_plan(4, ["sample"])
+    assert FoldedResNet(net, Branch.GATED, skip_inactive=False).paths(1, 32) == MASKED
+
+
+def test_folded_engine_is_for_inference_only():
+    engine = FoldedResNet(gated_network(), Branch.GATED)
+    with pytest.raises(ValueError, match="inference only"):
+        engine.train()
+    with pytest.raises(ValueError, match="this backbone|serves"):
+        FoldedResNet(GatedResNet(width=4, branches=("dense",)), Branch.GATED)
+
+
+def test_slim_network_folded_equals_its_eager_forward():
+    slim = slim_resnet([1, 2, 3, 4, 5, 6, 7, 8], width=4).eval()
+    randomise_norms(slim, 3)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_difference(FoldedResNet(slim, Branch.DENSE)(x), slim(x).features) <= 1e-4
+
+
+def test_fold_batchnorm_and_patches():
+    conv, bn = torch.nn.Conv2d(3, 5, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(5).eval()
+    randomise_norms(bn)
+    x = torch.randn(2, 3, 6, 6)
+    weight, bias = fold_batchnorm(conv, bn)
+    with torch.no_grad():
+        assert torch.allclose(F.conv2d(x, weight, bias, 1, 1), bn(conv(x)), atol=1e-5)
+    workspace = Workspace()  # shared by calls with 3 and 2 channels, as the per-sample path shares it
+    for stride, channels in ((1, 3), (2, 3), (1, 2), (2, 2)):
+        images = x[:, :channels]
+        cols, ho, wo = im2col_hwc(images.permute(0, 2, 3, 1).contiguous(), stride, workspace, "x", max_channels=3)
+        unfold = F.unfold(images, 3, padding=1, stride=stride)  # [N, (c, kh, kw), L]
+        expected = unfold.view(2, channels, 9, ho * wo).permute(0, 3, 2, 1).reshape(2 * ho * wo, 9 * channels)
+        assert torch.equal(cols, expected)  # columns (kh, kw, c), zero padding
+
+
+@pytest.mark.parametrize("stem,size", [("cifar", 32), ("imagenet", 64)])
+def test_compacted_network_equals_the_gated_network_on_the_profiled_data(stem, size):
+    net = gated_network(stem, size, width=8)
+    # blocks 1 and 6: a quarter of the channels never on, a quarter always on, the rest data-dependent
+    for index in (1, 6):
+        frequency = torch.full((net.blocks[index].mid_planes,), 0.5)
+        quarter = len(frequency) // 4
+        frequency[:quarter], frequency[quarter : 2 * quarter] = 0.0, 1.0
+        density = [None] * 8
+        density[index] = frequency
+        calibrate_gates(net, torch.randn(48, 3, size, size), density)
+    images = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = net(images, Branch.GATED)
+    profile = profile_from_masks(reference.masks, net.arch_config())
+    plan = compaction(profile)
+    compact = compact_gated(net, profile)
+    kept = [len(row["kept"]) for row in plan]
+    assert [b.mid_planes for b in compact.blocks] == [max(k, 1) for k in kept]
+    assert kept[ALL_OFF] == 0 and len(plan[ALL_ON]["always_on"]) == plan[ALL_ON]["channels"]
+    assert [len(plan[i]["removed"]) for i in (1, 6)] == [len(plan[i]["always_on"]) for i in (1, 6)] == [2, 16]
+    for block, row in zip(compact.blocks, plan, strict=True):  # always-active channels are ungated
+        forced = [row["kept"].index(c) for c in row["always_on"]]
+        assert not block.gate.expand.weight[forced].any() and (block.gate.expand.bias[forced] == FORCED_LOGIT).all()
+    engine = FoldedResNet(compact, Branch.GATED)
+    for batch in (1, 3, 64):  # profiled samples, alone or batched
+        x = images[:batch]
+        with torch.no_grad():
+            expected, out = net(x, Branch.GATED), compact(x, Branch.GATED)
+        assert relative_difference(out.features, expected.features) <= 1e-4, batch
+        for mask, full, row in zip(out.masks, expected.masks, plan, strict=True):
+            if row["kept"]:  # the compact masks are the full masks on the kept channels
+                assert torch.equal(mask, full[:, row["kept"]])
+        for paths in (SAMPLE, MASKED, None):  # its sparse execution too
+            assert relative_difference(engine.encode(x, paths).features, expected.features) <= 1e-4, (batch, paths)
+    with pytest.raises(ValueError, match="channels per block"):
+        compact_gated(GatedResNet(width=4), profile)
+
+
+def test_calibrated_gates_reproduce_the_density_with_masks_that_differ_between_samples():
+    torch.manual_seed(0)
+    net = GatedResNet(width=8, gate_bias_init=0.0).eval()
+    calibration = torch.randn(200, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    per_channel = torch.linspace(0.0, 1.0, 8)  # a per-channel profile for block 0, a density elsewhere
+    calibrate_gates(net, calibration, [per_channel] + [0.3] * 7)
+    with torch.no_grad():
+        masks = net(calibration, Branch.GATED).masks
+    assert torch.allclose(masks[0].mean(0), (per_channel * 200).round() / 200)
+    for mask in masks[1:]:
+        assert torch.allclose(mask.mean(0), torch.full((mask.shape[1],), 60 / 200))  # round(0.3 * 200) images
+    active = torch.stack([m.sum(1) for m in masks[1:]], 1)
+    assert active.std(0).min() > 0  # samples keep different numbers of channels
+    assert distinct_mask_fraction(masks[1:]) > 0.5  # and different channels
+    with torch.no_grad():  # unseen images: about the same density
+        unseen = net(torch.randn(200, 3, 32, 32, generator=torch.Generator().manual_seed(2)), Branch.GATED).masks
+    assert all(abs(m.mean().item() - 0.3) < 0.1 for m in unseen[1:])
+    with pytest.raises(ValueError, match="gate_bias_init=0.0"):
+        calibrate_gates(GatedResNet(width=4).eval(), calibration[:4], [0.3] * 8)
+
+
+def test_default_paths_follow_the_measured_rule():
+    wide = FoldedResNet(GatedResNet(width=64, branches=("gated",)).eval(), Branch.GATED)
+    assert wide.block_pixels(32) == [34 * 34] * 2 + [17 * 17] * 2 + [9 * 9] * 2 + [5 * 5] * 2
+    assert wide.paths(1, 32) == SAMPLE  # batch 1: per sample everywhere
+    assert wide.paths(64, 32) == [BlockPath.SAMPLE] * 6 + [BlockPath.MASKED] * 2  # 5 x 5 maps: batch the weights
+    wide.set_plan(64, MASKED)
+    assert wide.paths(64, 32) == MASKED and wide.paths(2, 32)[0] is BlockPath.SAMPLE  # a plan is per batch size
+    small = FoldedResNet(GatedResNet(width=8, branches=("gated",)).eval(), Branch.GATED)
+    assert small.paths(1, 32) == MASKED  # blocks too small for the per-sample call's fixed cost
+    assert FoldedResNet(GatedResNet(width=64, stem="imagenet").eval(), Branch.GATED).block_pixels(224)[-1] == 49
