@@ -270,15 +270,14 @@ def check_dataset(ds: DictConfig) -> None:
     for key in ("test_split", "pretrain_split"):
         if key in ds:
             check_str(f"dataset.{key}", ds[key])
-    for key in ("subset_per_class", "test_subset_per_class"):
+    for key in ("subset_per_class", "test_subset_per_class"):  # subset_seed matters (and is checked) only then
         if ds.get(key) is not None:
             check_int(f"dataset.{key}", ds[key], 1, note=" (images per class) or null (the whole split)")
             if ds.get("subset_seed") is None:
                 raise ConfigError(
                     f"dataset.{key}={ds[key]} needs dataset.subset_seed (an integer; default: the run's seed)"
                 )
-    if ds.get("subset_seed") is not None:
-        check_int("dataset.subset_seed", ds.subset_seed, 0)
+            check_int("dataset.subset_seed", ds.subset_seed, 0, 2**32 - 1)
     try:
         from vdg.data.datasets import disk_split
 
