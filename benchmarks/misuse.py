@@ -486,15 +486,18 @@ def _(ctx: Context) -> Verdict:
 @case("1 data loss", "a second process in the same run directory fails at once, naming the holder")
 def _(ctx: Context) -> Verdict:
     run_dir = ctx.work / "two"
+    # 40 tiny epochs (~20 s on an idle 2-core CPU): the first run must still hold the directory when the second,
+    # started after its first checkpoint, has imported torch (a 4-epoch run used to finish first on an idle machine,
+    # and the second then correctly found a finished run: a race of the harness, not of vdg)
     first = subprocess.Popen(
         [sys.executable, str(ctx.repo / "scripts" / "pretrain.py"), *TINY, f"run_dir={run_dir}",
-         "trainer.max_epochs=4"], cwd=ctx.work, env=ctx.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         "trainer.max_epochs=40"], cwd=ctx.work, env=ctx.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline and not last_ckpt(run_dir).exists():
         time.sleep(0.2)
-    second = ctx.pretrain(run_dir, "trainer.max_epochs=4")
+    second = ctx.pretrain(run_dir, "trainer.max_epochs=40")
     out, err = first.communicate(timeout=300)
     epochs = train_epochs(run_dir)
     if second.rc == 0 or len(epochs) != len(set(epochs)):
