@@ -143,20 +143,11 @@ def checkpoint_setup(
     A method without a dense branch (vicreg_gating) is timed against a dense network of the same architecture
     with random weights: its speed does not depend on the values.
     """
-    from omegaconf import OmegaConf
-
     from vdg.data.module import eval_loader
     from vdg.deploy.export import branch_encoder
-    from vdg.eval.protocols import load_checkpoint
-    from vdg.run.checkpoint import require_branch
+    from vdg.deploy.slim import gated_checkpoint
 
-    model = load_checkpoint(ckpt)
-    require_branch(model, Branch.GATED)
-    cfg = model.cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    for key, value in (data or {}).items():
-        if value is not None:
-            cfg.data[key] = value
+    model, cfg = gated_checkpoint(ckpt, dict(data or {}))
     images = []
     for batch, _ in eval_loader(cfg, split, batch_size=min(num_images, 512), num_workers=0):
         images.append(batch)

@@ -247,7 +247,7 @@ def check_export_config(cfg: Any) -> None:
     types and values are one `ConfigError` line naming the key and the allowed values."""
     from omegaconf import OmegaConf
 
-    from vdg.run.config import CONFIG_DIR, ConfigError, check_int, check_known_keys, check_str
+    from vdg.run.config import CONFIG_DIR, ConfigError, check_data_overrides, check_known_keys, check_str
 
     for key, what in (("ckpt", "ckpt=PATH: the pretraining checkpoint"), ("branch", "branch=dense|gated")):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
@@ -264,15 +264,7 @@ def check_export_config(cfg: Any) -> None:
     if cfg.execution is not None:
         check_choice("execution", cfg.execution, EXECUTIONS)
     check_choice("profile_split", cfg.profile_split, PROFILE_SPLITS)
-    data = cfg.get("data") or {}
-    check_known_keys("data", data, ("root", "download", "num_workers", "pin_memory"))
-    if data.get("root") is not None:
-        check_str("data.root", data.root)
-    for key in ("download", "pin_memory"):
-        if data.get(key) is not None:
-            check_bool(f"data.{key}", data[key])
-    if data.get("num_workers") is not None:
-        check_int("data.num_workers", data.num_workers, 0)
+    check_data_overrides(cfg.get("data"))
 
 
 def _read_export(path: Path) -> tuple[dict[str, Any], Path]:

@@ -148,9 +148,17 @@ def checkpoint_profile(
     data: keys of the checkpoint's `data:` block to override on this machine (e.g. {"root": "/data"}).
     The train split is the default: a student shaped on the test split would have seen it.
     """
+    from vdg.data.module import eval_loader
+
+    model, cfg = gated_checkpoint(ckpt, data)
+    return channel_profile(model.backbone, eval_loader(cfg, split, batch_size), device)
+
+
+def gated_checkpoint(ckpt: str | Path, data: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """(the pretraining module of `ckpt`, refused unless it serves a gated network; its config with the non-null
+    `data` keys overridden for this machine, e.g. {"root": "/data"})."""
     from omegaconf import OmegaConf
 
-    from vdg.data.module import eval_loader
     from vdg.eval.protocols import load_checkpoint
     from vdg.run.checkpoint import require_branch
 
@@ -161,7 +169,7 @@ def checkpoint_profile(
     for key, value in (data or {}).items():
         if value is not None:
             cfg.data[key] = value
-    return channel_profile(model.backbone, eval_loader(cfg, split, batch_size), device)
+    return model, cfg
 
 
 # A gate logit this large keeps its channel on (or, negated, off) whatever the input: used for channels a compacted

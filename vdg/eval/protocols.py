@@ -104,7 +104,14 @@ def check_eval_config(cfg: DictConfig, need_checkpoint: bool = True) -> None:
     evaluation chained after pretraining, whose checkpoint does not exist yet.
     """
     from vdg.methods import METHODS
-    from vdg.run.config import check_bool, check_int, check_known_keys, check_number, check_str
+    from vdg.run.config import (
+        check_bool,
+        check_data_overrides,
+        check_int,
+        check_known_keys,
+        check_number,
+        check_str,
+    )
 
     if need_checkpoint and (OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt):
         raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to evaluate")
@@ -119,15 +126,7 @@ def check_eval_config(cfg: DictConfig, need_checkpoint: bool = True) -> None:
     tag = check_str("tag", cfg.get("tag"), optional=True)
     if tag is not None and ("/" in tag or tag in (".", "..")):
         raise ConfigError(f"tag={tag!r} becomes part of a file name: it must not contain '/'")
-    data = cfg.get("data") or {}
-    check_known_keys("data", data, ("root", "download", "num_workers", "pin_memory"))
-    if data.get("root") is not None:
-        check_str("data.root", data.root)
-    for key in ("download", "pin_memory"):
-        if data.get(key) is not None:
-            check_bool(f"data.{key}", data[key])
-    if data.get("num_workers") is not None:
-        check_int("data.num_workers", data.num_workers, 0)
+    check_data_overrides(cfg.get("data"))
     check_int("batch_size", cfg.batch_size, 1)
     if protocol == "transfer":
         _choice(cfg, "target", dataset_names())

@@ -202,17 +202,6 @@ def render_mini_markdown(table: MiniTable) -> str:
                       *note]) + "\n"
 
 
-def render_mini_csv(table: MiniTable) -> str:
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(table.header)
-    writer.writerows(table.rows)
-    return buffer.getvalue()
-
-
 # ----- the README's mini table: rendered from the records the sweep wrote, kept in docs/results/table1_mini/ -----
 README_BEGIN = "<!-- table1_mini: written by scripts/readme_figures.py --mini from docs/results/table1_mini/ -->"
 README_END = "<!-- /table1_mini -->"

@@ -30,9 +30,9 @@ import numpy as np
 from vdg.report.mini_table import (
     MINI_SPECS,
     MINI_TABLE_NAMES,
+    MiniTable,
     build_mini_table,
     reduced_scale,
-    render_mini_csv,
     render_mini_markdown,
 )
 from vdg.report.paper_results import (
@@ -451,7 +451,8 @@ def render_markdown(table: Table) -> str:
     return "\n".join([f"### {table.title}", "", CAPTION, "", *body, *note]) + "\n"
 
 
-def render_csv(table: Table) -> str:
+def render_csv(table: Table | MiniTable) -> str:
+    """The header row and the rows, as CSV (both kinds of table)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(table.header)
@@ -471,7 +472,7 @@ def make_tables(
     for name in names:
         if name in MINI_SPECS:
             mini = build_mini_table(name, records)
-            texts = {".md": render_mini_markdown(mini), ".csv": render_mini_csv(mini)}
+            texts = {".md": render_mini_markdown(mini), ".csv": render_csv(mini)}
         else:
             table = build_table(name, records)
             texts = {".md": render_markdown(table), ".csv": render_csv(table)}

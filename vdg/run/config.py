@@ -169,6 +169,23 @@ def check_known_keys(
             raise ConfigError(f"unknown key {prefix}{key}{hint}; allowed keys: {listed}{extra}")
 
 
+# The `data:` keys an evaluation-like command may override on this machine (null: the checkpoint's own value)
+DATA_OVERRIDE_KEYS = ("root", "download", "num_workers", "pin_memory")
+
+
+def check_data_overrides(data: Any) -> None:
+    """The `data:` block of linear_eval/knn_eval/export/...: only `DATA_OVERRIDE_KEYS`, each null or well typed."""
+    data = data or {}
+    check_known_keys("data", data, DATA_OVERRIDE_KEYS)
+    if data.get("root") is not None:
+        check_str("data.root", data.root)
+    for key in ("download", "pin_memory"):
+        if data.get(key) is not None:
+            check_bool(f"data.{key}", data[key])
+    if data.get("num_workers") is not None:
+        check_int("data.num_workers", data.num_workers, 0)
+
+
 def check_config_keys(cfg: DictConfig) -> None:
     """Every key of every section is one vdg (or, for trainer:, Lightning's Trainer) knows."""
     for section, allowed in _section_keys().items():
