@@ -46,6 +46,10 @@ def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp
     assert all(key in result for key in REQUIRED)
     assert {f"{name}_ms" for name in EXECUTIONS} <= set(result) and all(result[f"{n}_ms"] > 0 for n in EXECUTIONS)
     assert result["masks"] == "calibrated" and result["batch_size"] == 2 and result["threads"] == 1
+    for network in ("dense", "slim"):  # a network's latency is the faster of its two engines
+        assert result[f"{network}_ms"] <= max(result[f"{network}_onednn_ms"], result[f"{network}_native_ms"])
+        assert result["engines"][network] in ("onednn", "native")
+    assert result["kernel"] == "native" and 0 < result["latency_ratio"]
     assert result["max_rel_diff"] <= 1e-4 and 0 < result["flops_ratio"] < 1
     assert len(result["plan"]) == 8 and len(result["slim_widths"]) == 8 and result["images"] == 3
     path = append_row(result, tmp_path / "inference.md")
@@ -53,6 +57,21 @@ def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp
     lines = path.read_text().splitlines()
     assert lines[0] == "# Inference latency (scripts/bench_inference.py)"
     assert sum(line.startswith("| 20") for line in lines) == 2 and "| calibrated | 4 | cifar 32px | 2 |" in lines[-1]
+
+
+def test_a_row_with_other_columns_starts_a_new_table_below_the_old_rows(tmp_path):
+    path = tmp_path / "inference.md"
+    old_table = "# Inference latency\n\n| date | device | load |\n|---|---|---|\n| 2026-01-01 | cpu | 0.1 |\n"
+    path.write_text(old_table)
+    setup = calibrated_setup(4, "cifar", 32, 0.5, num_images=2, calibration_images=16, seed=0)
+    result = measure(setup, 1, 1, rounds=1, warmup=0, executions=("dense", "sparse"))
+    append_row(result, path)
+    append_row(result, path)
+    text = path.read_text()
+    assert text.startswith(old_table)  # the old rows are kept as they were
+    tables = [line for line in text.splitlines() if line.startswith("| date |")]
+    assert len(tables) == 2 and "| engines |" in tables[1]  # one new header, then both new rows under it
+    assert text.splitlines()[-1].startswith("| 20") and text.splitlines()[-2].startswith("| 20")
 
 
 def test_batches_cycle_through_too_few_images():
@@ -93,7 +112,9 @@ def test_bench_script_prints_json_and_appends_a_row(tmp_path, capsys):
         ("batch_size=0", "batch_size=0 must be an integer >= 1"),
         ("rounds=1.5", "rounds=1.5 must be an integer >= 1"),
         ("executions=[sparse]", "must include 'dense'"),
-        ("executions=[dense,fast]", "unknown executions 'fast'; allowed values: ['dense', 'masked', 'sparse'"),
+        ("executions=[dense,fast]", "unknown executions 'fast'; allowed values: ['dense', 'dense_native', 'masked'"),
+        ("kernel=torch", "kernel=torch and executions ['dense_native', 'slim_native'] contradict"),
+        ("kernel=fast", "unknown kernel 'fast'; allowed values: ['auto', 'native', 'torch']"),
         ("calibration.density=[0.3,0.2]", "one number in [0, 1] or 8 of them"),
         ("calibration.density=1.5", "calibration.density=1.5 must be a number in [0, 1]"),
         ("model.stem=vit", "unknown model.stem 'vit'; allowed values: ['cifar', 'imagenet']"),

@@ -17,6 +17,7 @@ from .test_export import randomise_norms
 
 ALL_OFF, ALL_ON = 2, 5  # blocks whose gates are forced shut / open in `gated_network`
 SAMPLE, MASKED = [BlockPath.SAMPLE] * 8, [BlockPath.MASKED] * 8
+KERNELS = ("native", "torch")  # the per-sample path's two kernels; "native" needs the C compiler (as CI has)
 
 
 def gated_network(stem: str = "cifar", size: int = 32, width: int = 4, seed: int = 0) -> GatedResNet:
@@ -39,9 +40,10 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("stem,size", [("cifar", 32), ("imagenet", 64)])
 @pytest.mark.parametrize("batch", [1, 3, 64])
-def test_every_execution_equals_the_masked_eval_forward(stem, size, batch):
+def test_every_execution_equals_the_masked_eval_forward(stem, size, batch, kernel):
     net = gated_network(stem, size)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
@@ -50,17 +52,21 @@ def test_every_execution_equals_the_masked_eval_forward(stem, size, batch):
     assert density[ALL_OFF] == 0.0 and density[ALL_ON] == 1.0
     mixed = [0.0 < d < 1.0 for i, d in enumerate(density) if i not in (ALL_OFF, ALL_ON)]
     assert all(mixed) if batch > 1 else any(mixed)  # one sample may keep all (or none) of a block's 4 channels
-    engine = FoldedResNet(net, Branch.GATED)
+    engine = FoldedResNet(net, Branch.GATED, kernel=kernel)
+    assert engine.kernel == kernel and all(b.kernel == kernel for b in engine.blocks)
     for paths in (SAMPLE, MASKED, None):  # None: the default plan for this batch size
         out = engine.encode(x, paths)
         assert all(torch.equal(a, b) for a, b in zip(out.masks, reference.masks, strict=True)), paths
         assert relative_difference(out.features, reference.features) <= 1e-4, paths
+    assert torch.equal(engine(x), engine.encode(x).features)
     with torch.no_grad():
         dense = net(x, Branch.DENSE).features
-    assert relative_difference(FoldedResNet(net, Branch.DENSE)(x), dense) <= 1e-4
+    dense_engine = FoldedResNet(net, Branch.DENSE, kernel=kernel)
+    assert relative_difference(dense_engine(x), dense) <= 1e-4
+    assert relative_difference(dense_engine.encode(x, SAMPLE).features, dense) <= 1e-4  # every channel, per sample
 
 
-def test_samples_with_identical_masks_share_one_gathered_call(monkeypatch):
+def test_torch_kernel_shares_one_gathered_call_between_samples_with_identical_masks(monkeypatch):
     net = gated_network()
     base = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     x = base[[0, 1, 0, 2, 1, 0]]  # 6 samples, 3 distinct images, so at most 3 distinct masks per block
@@ -68,7 +74,7 @@ def test_samples_with_identical_masks_share_one_gathered_call(monkeypatch):
     original = FoldedBlock.sample
     counted = lambda self, xs, active: calls.append(len(xs)) or original(self, xs, active)
     monkeypatch.setattr(FoldedBlock, "sample", counted)
-    out = FoldedResNet(net, Branch.GATED).encode(x, SAMPLE)
+    out = FoldedResNet(net, Branch.GATED, kernel="torch").encode(x, SAMPLE)
     with torch.no_grad():
         reference = net(x, Branch.GATED)
     assert relative_difference(out.features, reference.features) <= 1e-4
@@ -76,12 +82,14 @@ def test_samples_with_identical_masks_share_one_gathered_call(monkeypatch):
     assert len(calls) == distinct <= 3 * 8 and sum(calls) == 6 * 8
 
 
-def test_per_sample_path_splits_a_batch_over_threads_with_the_same_result():
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("batch", [1, 7])
+def test_per_sample_path_splits_work_over_threads_with_the_same_result(kernel, batch):
     net = gated_network()
-    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         reference = net(x, Branch.GATED).features
-    engine = FoldedResNet(net, Branch.GATED)
+    engine = FoldedResNet(net, Branch.GATED, kernel=kernel)
     torch.set_num_threads(2)  # the conftest fixture sets 1 again for the next test
     out = engine.encode(x, SAMPLE).features
     assert torch.get_num_threads() == 2  # restored after the parallel section
@@ -158,7 +166,7 @@ def test_compacted_network_equals_the_gated_network_on_the_profiled_data(stem, s
     for block, row in zip(compact.blocks, plan, strict=True):  # always-active channels are ungated
         forced = [row["kept"].index(c) for c in row["always_on"]]
         assert not block.gate.expand.weight[forced].any() and (block.gate.expand.bias[forced] == FORCED_LOGIT).all()
-    engine = FoldedResNet(compact, Branch.GATED)
+    engines = [FoldedResNet(compact, Branch.GATED, kernel=kernel) for kernel in KERNELS]
     for batch in (1, 3, 64):  # profiled samples, alone or batched
         x = images[:batch]
         with torch.no_grad():
@@ -167,8 +175,10 @@ def test_compacted_network_equals_the_gated_network_on_the_profiled_data(stem, s
         for mask, full, row in zip(out.masks, expected.masks, plan, strict=True):
             if row["kept"]:  # the compact masks are the full masks on the kept channels
                 assert torch.equal(mask, full[:, row["kept"]])
-        for paths in (SAMPLE, MASKED, None):  # its sparse execution too
-            assert relative_difference(engine.encode(x, paths).features, expected.features) <= 1e-4, (batch, paths)
+        for engine in engines:  # its sparse execution too (odd channel counts: the kernels' tails)
+            for paths in (SAMPLE, MASKED, None):
+                features = engine.encode(x, paths).features
+                assert relative_difference(features, expected.features) <= 1e-4, (batch, paths, engine.kernel)
     with pytest.raises(ValueError, match="channels per block"):
         compact_gated(GatedResNet(width=4), profile)
 
@@ -195,12 +205,19 @@ def test_calibrated_gates_reproduce_the_density_with_masks_that_differ_between_s
 
 
 def test_default_paths_follow_the_measured_rule():
-    wide = FoldedResNet(GatedResNet(width=64, branches=("gated",)).eval(), Branch.GATED)
+    native_wide = FoldedResNet(GatedResNet(width=64, branches=("gated",)).eval(), Branch.GATED, kernel="native")
+    assert native_wide.paths(1, 32) == SAMPLE and native_wide.paths(64, 32) == SAMPLE  # compiled: per sample
+    small = FoldedResNet(GatedResNet(width=8, branches=("gated",)).eval(), Branch.GATED, kernel="native")
+    assert small.paths(1, 32) == SAMPLE
+    dense = FoldedResNet(GatedResNet(width=8, branches=("dense",)).eval(), Branch.DENSE, kernel="native")
+    assert dense.paths(1, 32) == MASKED  # networks without gates: oneDNN unless a plan says otherwise
+    # the PyTorch kernel's rule
+    wide = FoldedResNet(GatedResNet(width=64, branches=("gated",)).eval(), Branch.GATED, kernel="torch")
     assert wide.block_pixels(32) == [34 * 34] * 2 + [17 * 17] * 2 + [9 * 9] * 2 + [5 * 5] * 2
     assert wide.paths(1, 32) == SAMPLE  # batch 1: per sample everywhere
     assert wide.paths(64, 32) == [BlockPath.SAMPLE] * 6 + [BlockPath.MASKED] * 2  # 5 x 5 maps: batch the weights
     wide.set_plan(64, MASKED)
     assert wide.paths(64, 32) == MASKED and wide.paths(2, 32)[0] is BlockPath.SAMPLE  # a plan is per batch size
-    small = FoldedResNet(GatedResNet(width=8, branches=("gated",)).eval(), Branch.GATED)
+    small = FoldedResNet(GatedResNet(width=8, branches=("gated",)).eval(), Branch.GATED, kernel="torch")
     assert small.paths(1, 32) == MASKED  # blocks too small for the per-sample call's fixed cost
     assert FoldedResNet(GatedResNet(width=64, stem="imagenet").eval(), Branch.GATED).block_pixels(224)[-1] == 49

@@ -18,12 +18,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vdg.deploy.native import NativeKernelError
 from vdg.deploy.slim import profile_from_masks, slim_resnet, slim_widths
-from vdg.deploy.sparse import BlockPath, FoldedResNet, interleaved_times
+from vdg.deploy.sparse import KERNELS, BlockPath, FoldedResNet, interleaved_times
 from vdg.models import Branch, GatedResNet, network_cost
 
 # Executions timed, in this order within a round (rotated every round): the fast engines, then the eager modules.
-EXECUTIONS = ("dense", "masked", "sparse", "slim", "dense_eager", "masked_eager", "slim_eager")
+EXECUTIONS = (
+    "dense", "dense_native", "masked", "sparse", "slim", "slim_native", "dense_eager", "masked_eager", "slim_eager",
+)  # fmt: skip
+# dense / slim: `FoldedResNet` on oneDNN's prepacked convolutions; dense_native / slim_native: the same networks on
+# the compiled kernel of sparse execution with every channel on (`vdg.deploy.native`). A network's latency
+# (`dense_ms`, `slim_ms`) is the faster of its two executions, round by round: the gated network is never compared
+# with a dense one run slower than it could be.
 PLANS = ("default", "tune", "sample", "masked")  # how the sparse execution picks each block's path
 
 
@@ -215,16 +222,20 @@ def measure(
     device: str = "cpu",
     plan: str = "default",
     executions: Sequence[str] = EXECUTIONS,
+    kernel: str = "auto",
 ) -> dict[str, Any]:
     """Time every execution on `setup.images` in batches of `batch_size`; one JSON-ready dict.
 
     A round runs each execution over all batches, the executions taking turns (their order rotates every
     round), after `warmup` untimed rounds. `<execution>_ms` is the median over rounds of the time per batch.
-    Ratios (`latency_ratio` = sparse / dense, `slim_ratio`, `masked_ratio`, `*_eager` against the eager dense
-    module) are medians of the per-round ratios, which machine load drifting between rounds cannot bias; on a
-    quiet machine they equal the ratios of the medians.
+    `dense_ms` and `slim_ms` are the medians of the per-round faster of each network's two executions (oneDNN
+    and the compiled kernel: `dense_onednn_ms`, `dense_native_ms`, ...), and every ratio against "dense" uses that
+    per-round best. Ratios (`latency_ratio` = sparse / dense, `slim_ratio`, `masked_ratio`, `*_eager` against the
+    eager dense module) are medians of the per-round ratios, which machine load drifting between rounds cannot
+    bias; on a quiet machine they equal the ratios of the medians.
     plan: the sparse execution's block paths: "default" (`vdg.deploy.sparse.default_path`), "tune"
-    (`FoldedResNet.tune` on the first batch), "sample" or "masked" (every block).
+    (`FoldedResNet.tune` on the first batch), "sample" or "masked" (every block). kernel: the sparse execution's
+    per-sample kernel (`vdg.deploy.sparse.resolve_kernel`); dense_native and slim_native always need the compiled one.
     """
     if plan not in PLANS:
         raise ValueError(f"unknown plan={plan!r}; allowed values: {list(PLANS)}")
@@ -246,9 +257,20 @@ def measure(
     folded_dense = FoldedResNet(dense, Branch.DENSE).to(dev)
     folded_masked = FoldedResNet(gated, Branch.GATED).to(dev)
     masked_plan = [BlockPath.MASKED] * len(gated.blocks)
-    sparse = FoldedResNet(gated, Branch.GATED).to(dev)
+    sparse = FoldedResNet(gated, Branch.GATED, kernel=kernel).to(dev)
     folded_slim = FoldedResNet(slim, Branch.DENSE).to(dev)
     inputs = [b.to(dev) for b in batches(setup.images, batch_size)]
+    native_runs: dict[str, FoldedResNet] = {}
+    for name, network in (("dense_native", dense), ("slim_native", slim)):
+        if name in executions:
+            try:
+                engine = FoldedResNet(network, Branch.DENSE, kernel="native").to(dev)
+            except NativeKernelError as err:
+                raise NativeKernelError(
+                    f"{err}\nexecutions dense_native and slim_native need it: leave them out of executions="
+                ) from None
+            engine.set_plan(batch_size, [BlockPath.SAMPLE] * len(engine.blocks))
+            native_runs[name] = engine
     if plan == "tune":
         sparse.tune(inputs[0])
     elif plan != "default":
@@ -266,6 +288,7 @@ def measure(
         "masked": lambda x: folded_masked.encode(x, masked_plan),
         "sparse": sparse,
         "slim": folded_slim,
+        **native_runs,
         "dense_eager": lambda x: dense(x, Branch.DENSE),
         "masked_eager": lambda x: gated(x, Branch.GATED),
         "slim_eager": lambda x: slim(x, Branch.DENSE),
@@ -290,6 +313,18 @@ def measure(
         )
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     per_batch = {name: [t / len(inputs) for t in ts] for name, ts in times.items()}
+    engines: dict[str, str] = {}
+    for network in ("dense", "slim"):  # a network's latency: the faster of its executions, round by round
+        if network not in per_batch:
+            continue
+        per_batch[f"{network}_onednn"] = onednn = per_batch.pop(network)
+        native_times = per_batch.get(f"{network}_native")
+        if native_times is not None:
+            per_batch[network] = [min(a, b) for a, b in zip(onednn, native_times, strict=True)]
+        else:
+            per_batch[network] = onednn
+        faster = native_times is not None and median(native_times) < median(onednn)
+        engines[network] = "native" if faster else "onednn"
 
     def ratio(num: str, den: str) -> float | None:
         if num not in per_batch or den not in per_batch:
@@ -319,6 +354,8 @@ def measure(
             "rounds": rounds,
             "plan": paths,
             "plan_choice": plan,
+            "kernel": sparse.kernel,
+            "engines": engines,
             "density_per_block": cost.channel_density(active).tolist(),
             "slim_widths": widths,
             "distinct_mask_fraction": distinct_mask_fraction(masks),
@@ -338,14 +375,17 @@ One row per run, appended by each run. Columns:
   per sample by the sample's own logits: `vdg.deploy.bench.calibrate_gates`) or `checkpoint` (a trained
   network's own gates on its test images). FLOPs ratio: realised gated MACs over dense MACs on the timed images.
 - dense / masked / sparse / slim: milliseconds per batch (median over interleaved rounds) of `FoldedResNet`
-  (eval BatchNorm folded, oneDNN-prepacked convolutions): the dense network, the gated network computing every
-  channel then masking, the gated network skipping inactive channels (`plan`: path per block), and the slim dense
-  ResNet-18 whose conv1 widths are the mean active channels per block. dense eager: the `GatedResNet` module as
-  trained (`load_backbone(..., execution="masked")` runs this way).
-- sparse/dense, slim/dense: medians of per-round ratios against the folded dense network; sparse/dense eager:
-  against the eager dense module. max rel diff: sparse features vs the masked eager reference.
+  (eval BatchNorm folded): the dense network, the gated network computing every channel then masking, the gated
+  network skipping inactive channels (`plan`: path per block), and the slim dense ResNet-18 whose conv1 widths
+  are the mean active channels per block. dense and slim are each the faster, round by round, of two engines:
+  oneDNN's prepacked convolutions and the compiled kernel of sparse execution with every channel on (`engines`
+  says which won by median). dense eager: the `GatedResNet` module as trained (`load_backbone(...,
+  execution="masked")` runs this way).
+- sparse/dense, slim/dense: medians of per-round ratios against the dense network's faster engine; sparse/dense
+  eager: against the eager dense module. max rel diff: sparse features vs the masked eager reference.
+- plan: the sparse execution's path per block (s = per sample, m = masked) and its kernel (native = compiled).
 - load: the machine's 1-minute load average before and after timing (2 cores here: above ~0.5 the machine was
-  shared and the figures are noisy).
+  shared and the figures are noisy; a 2-thread run itself brings it towards 2).
 
 """
 
@@ -353,7 +393,7 @@ One row per run, appended by each run. Columns:
 COLUMNS = (
     "date", "device", "threads", "torch", "masks", "width", "input", "batch", "FLOPs ratio", "dense ms", "masked ms",
     "sparse ms", "slim ms", "sparse/dense", "slim/dense", "dense eager ms", "sparse/dense eager", "max rel diff",
-    "plan", "load",
+    "plan", "engines", "load",
 )  # fmt: skip
 
 
@@ -373,11 +413,16 @@ def append_row(result: Mapping[str, Any], path: str | Path) -> Path:
     from vdg.run.checkpoint_io import atomic_write_text
 
     path = Path(path)
+    header = "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
     if path.exists():
         text = path.read_text()
         text += "" if not text or text.endswith("\n") else "\n"
+        headers = [line for line in text.splitlines() if line.startswith("| date |")]
+        if not headers or headers[-1] + "\n" != header.splitlines(keepends=True)[0]:
+            # the columns changed since the last row: a new table below the old one, whose rows stay as they were
+            text += "\nColumns as of " + str(result["date"]) + " (see the top of this file):\n\n" + header
     else:
-        text = RESULTS_HEADER + "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
+        text = RESULTS_HEADER + header
     plan = result["plan"]
     plan_text = plan[0] if len(set(plan)) == 1 else ",".join(p[0] for p in plan)  # s = sample, m = masked
     load = "/".join(_fmt(v, 2) for v in result["load_avg"])
@@ -400,7 +445,10 @@ def append_row(result: Mapping[str, Any], path: str | Path) -> Path:
         _fmt(result.get("dense_eager_ms"), 2),
         _fmt(result.get("latency_ratio_eager")),
         f"{result['max_rel_diff']:.1e}",
-        plan_text + ("" if result.get("plan_choice", "default") == "default" else f" ({result['plan_choice']})"),
+        plan_text
+        + ("" if result.get("plan_choice", "default") == "default" else f" ({result['plan_choice']})")
+        + (f", {result['kernel']}" if result.get("kernel") else ""),
+        ", ".join(f"{k}: {v}" for k, v in result.get("engines", {}).items()),
         load,
     ]
     atomic_write_text(path, text + "| " + " | ".join(str(c) for c in cells) + " |\n")
@@ -445,6 +493,7 @@ def check_bench_config(cfg: Any) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is visible on this machine; use device=cpu")
     check_choice("plan", cfg.plan, PLANS)
+    check_choice("kernel", cfg.kernel, KERNELS)
     executions = cfg.executions
     if not OmegaConf.is_list(executions) or not executions:
         raise ConfigError(f"executions={executions!r} must be a list of executions; allowed values: {list(EXECUTIONS)}")
@@ -452,6 +501,9 @@ def check_bench_config(cfg: Any) -> None:
         check_choice("executions", execution, EXECUTIONS)
     if "dense" not in executions:
         raise ConfigError(f"executions={list(executions)} must include 'dense' (every ratio is against it)")
+    native_runs = [str(e) for e in executions if str(e).endswith("_native")]
+    if cfg.kernel == "torch" and native_runs:
+        raise ConfigError(f"kernel=torch and executions {native_runs} contradict: those run the compiled kernel")
     check_choice("split", cfg.split, SPLITS)
     check_str("results", cfg.results, optional=True)
     data = cfg.get("data") or {}
@@ -507,6 +559,7 @@ def run_benchmark(cfg: Any) -> dict[str, Any]:
         device=str(cfg.device),
         plan=str(cfg.plan),
         executions=executions,
+        kernel=str(cfg.kernel),
     )
 
 

@@ -322,7 +322,7 @@ def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
 
 
 def load_backbone(
-    path: str | Path, branch: str | Branch | None = None, execution: str | None = None
+    path: str | Path, branch: str | Branch | None = None, execution: str | None = None, kernel: str = "auto"
 ) -> BranchBackbone | FoldedResNet:
     """Load an export of scripts/export.py in eval mode: model(x) -> [N, 512] features, model.encode(x) -> masks.
 
@@ -334,6 +334,8 @@ def load_backbone(
             BatchNorm folded into prepacked oneDNN convolutions (faster on CPUs, inference only); "sparse":
             a `FoldedResNet` of the gated network that skips the work of gated-off channels
             (`vdg.deploy.sparse`). All three give the same features up to float round-off.
+    kernel: the sparse execution's per-sample kernel: "auto" (the compiled one, `vdg.deploy.native`, where a C
+        compiler builds it; else "torch" with a warning), "native" or "torch" (slower, no compiler needed).
     Weights are read with safetensors or `torch.load(weights_only=True)`, on the CPU.
 
         model = vdg.load_backbone("runs/.../export/vdg-cifar100-td0.3-gated.safetensors", execution="sparse")
@@ -369,4 +371,4 @@ def load_backbone(
     encoder.eval()
     if execution == "masked":
         return BranchBackbone(encoder, exported, metadata).eval()
-    return FoldedResNet(encoder, exported, skip_inactive=execution == "sparse", config=metadata)
+    return FoldedResNet(encoder, exported, skip_inactive=execution == "sparse", config=metadata, kernel=kernel)

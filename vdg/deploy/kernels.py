@@ -6,8 +6,9 @@ eager `conv2d` reorders every weight into oneDNN's blocked layout on every call 
 late-stage convolutions to an im2col + BLAS path), which costs as much as the convolution itself. oneDNN's
 prepacked convolution (`torch.ops.mkldnn._convolution_pointwise`, what `torch.compile` emits on CPUs) does that
 reorder once; its fused bias + ReLU and bias + residual + ReLU save the elementwise passes. Sparse execution
-cannot prepack (its weights change per sample), so it gathers rows of plain weight matrices and multiplies them
-with oneDNN's matmul (`_linear_pointwise`), which reads plain weights at close to its prepacked speed.
+cannot prepack (its weights change per sample): its PyTorch kernel (`kernel="torch"`) gathers rows of plain
+weight matrices and multiplies them with oneDNN's matmul (`_linear_pointwise`); the compiled kernel
+(vdg/deploy/native.py) reads the active rows in place instead.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     from vdg.data.datasets import DataNotFoundError, DatasetError, ImageReadError
+    from vdg.deploy.native import NativeKernelError
     from vdg.models.teachers import TeacherError
     from vdg.run.callbacks import NonFiniteLossError
     from vdg.run.checkpoint import CheckpointError
@@ -33,7 +34,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from vdg.run.rundir import RunDirError
 
     return (CheckpointError, ConfigError, DataNotFoundError, DatasetError, ImageReadError, NonFiniteLossError,
-            RunDirError, StorageError, TeacherError, MisconfigurationException, Interrupted)
+            RunDirError, StorageError, TeacherError, MisconfigurationException, Interrupted, NativeKernelError)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,405 @@
+/* The per-sample path of one gated BasicBlock in one call: conv1 only for each sample's active output channels
+ * (BN folded, + bias, ReLU), conv2 reading only those channels (BN folded, + bias, + shortcut, ReLU).
+ *
+ * Why hand-written (vdg/deploy/native.py has the measurements): PyTorch has no matrix product that reads an
+ * indexed subset of a weight matrix's rows. Gathering the active rows into a copy and multiplying the copy with
+ * oneDNN copies the active weights twice per call (the gather, then oneDNN's packing of a weight it has not seen);
+ * at batch 1 in a ResNet-18's last stages, where a 3x3 convolution does only (pixels) multiply-adds per weight,
+ * those copies cost as much as the multiplications skipped. These kernels read each active weight in place:
+ *
+ * - conv1, dot-product form: tile = 4 active output channels x 6 output pixels, vectors along the input
+ *   channels of each 3x3 tap (weights [C, 3, 3, C_in] rows, input channels_last), 24 accumulators, horizontal
+ *   sums at the end;
+ * - conv2, outer-product form: tile = 6 output pixels x 64 output channels, for every tap and active mid channel
+ *   one row of the [3, 3, C, C_out] weight (contiguous along C_out) times a broadcast activation.
+ *
+ * Padding (1) is handled by pointing taps that fall outside the map at a zero vector; nothing is copied.
+ * Float32 only. Summation order differs from oneDNN's: equal to the masked reference up to float round-off.
+ * The AVX-512 kernels are compiled when the compiler targets AVX-512 (-march=native on such a CPU); the portable
+ * loops below them compute the same thing on any CPU (vdg_sparse_block's `portable` argument forces them, so
+ * that tests cover both).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define R1 4  /* conv1 tile: active output channels */
+#define PMAX 6  /* output pixels per tile, at most (block_t.pt) */
+#define V2 4  /* conv2 tile: 16-float vectors of output channels (64 channels) */
+#define O2 (16 * V2)
+#define PFJ 2 /* conv2: active channels prefetched ahead */
+#ifndef TAP_OUTER_TILES
+#define TAP_OUTER_TILES 32 /* conv2: maps of at least this many pixel tiles (17 x 17 and up) loop over taps outermost */
+#endif
+#define UNROLL _Pragma("GCC unroll 16")
+
+typedef struct {
+    const float *x;      /* [h, w, cin] one sample, channels_last */
+    int64_t h, w, cin, stride, ho, wo;
+    const float *w1;     /* [c, 9 * cin]: rows = output channels, columns (kh, kw, c_in) */
+    const float *b1;     /* [c] */
+    const float *w2;     /* [ceil(cout / 64), c, 9, 64], zero-padded (see w2_chunk) */
+    const float *b2;     /* [cout] */
+    const float *wd;     /* the 1x1 downsample [ceil(cout / 64), cin, 64], zero-padded; NULL: identity shortcut */
+    int64_t c, cout;
+    const int32_t *act;  /* [k] active mid channels */
+    int64_t k;
+    float *mid;          /* [ho * wo, k] */
+    float *out;          /* [ho * wo, cout] */
+    const float *zeros;  /* >= max(cin, k) zeros */
+    int64_t pt;          /* output pixels per tile: 6, or 5 where that wastes fewer (5 x 5 maps) */
+} block_t;
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* pointers of the 9 taps of output pixel p into a [rows, cols, depth] map (stride s, padding 1) */
+static inline void tap_pointers(const float *map, int64_t rows, int64_t cols, int64_t depth, int64_t s,
+                                int64_t wo, int64_t p, const float *zeros, const float **taps) {
+    int64_t oy = p / wo, ox = p % wo;
+    for (int t = 0; t < 9; ++t) {
+        int64_t iy = oy * s + t / 3 - 1, ix = ox * s + t % 3 - 1;
+        taps[t] = (iy >= 0 && iy < rows && ix >= 0 && ix < cols) ? map + (iy * cols + ix) * depth : zeros;
+    }
+}
+
+/* ---------------------------------------------------------------- conv1: mid[p, j] = relu(b1 + <w1[act[j]], x-patch(p)>) */
+static void conv1_tile_portable(const block_t *b, int64_t j0, int64_t p0) {
+    int64_t np = min64(b->pt, b->ho * b->wo - p0), nr = min64(R1, b->k - j0);
+    for (int64_t pi = 0; pi < np; ++pi) {
+        const float *taps[9];
+        tap_pointers(b->x, b->h, b->w, b->cin, b->stride, b->wo, p0 + pi, b->zeros, taps);
+        for (int64_t ri = 0; ri < nr; ++ri) {
+            int64_t ch = b->act[j0 + ri];
+            const float *wr = b->w1 + ch * 9 * b->cin;
+            float sum = 0.f;
+            for (int t = 0; t < 9; ++t)
+                for (int64_t c = 0; c < b->cin; ++c) sum += wr[t * b->cin + c] * taps[t][c];
+            sum += b->b1[ch];
+            b->mid[(p0 + pi) * b->k + j0 + ri] = sum > 0.f ? sum : 0.f;
+        }
+    }
+}
+
+#ifdef __AVX512F__
+/* jn: the first active channel of the tile this thread runs next (-1: none). While it runs the pixel tiles of one
+ * group of rows, it prefetches the next group's rows, one row per pixel tile, so that the weights arrive from
+ * memory while it computes (in the last stages at batch 1 the kernel waits on weights otherwise). */
+static inline __attribute__((always_inline)) void conv1_tile_avx512(const block_t *b, int64_t j0, int64_t p0,
+                                                                    int64_t jn, const int P1) {
+    int64_t np = min64(P1, b->ho * b->wo - p0), nr = min64(R1, b->k - j0);
+    const float *taps[PMAX][9];
+    UNROLL for (int pi = 0; pi < P1; ++pi)  /* missing pixels repeat the last one; their sums are dropped */
+        tap_pointers(b->x, b->h, b->w, b->cin, b->stride, b->wo, p0 + min64(pi, np - 1), b->zeros, taps[pi]);
+    const float *rows[R1];
+    UNROLL for (int ri = 0; ri < R1; ++ri) rows[ri] = b->w1 + (int64_t)b->act[j0 + min64(ri, nr - 1)] * 9 * b->cin;
+    __m512 acc[R1][PMAX];
+    UNROLL for (int ri = 0; ri < R1; ++ri)
+        UNROLL for (int pi = 0; pi < P1; ++pi) acc[ri][pi] = _mm512_setzero_ps();
+    const int64_t cin = b->cin, q = p0 / P1;
+    const char *pf = NULL;
+    if (jn >= 0 && q < R1 && jn + q < b->k) pf = (const char *)(b->w1 + (int64_t)b->act[jn + q] * 9 * cin);
+    for (int t = 0; t < 9; ++t) {
+        for (int64_t c = 0; c < cin; c += 16) {
+            __mmask16 m = cin - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cin - c)) - 1);
+            if (pf) _mm_prefetch(pf + 4 * (t * cin + c), _MM_HINT_T1);
+            __m512 wv[R1];
+            UNROLL for (int ri = 0; ri < R1; ++ri) wv[ri] = _mm512_maskz_loadu_ps(m, rows[ri] + t * cin + c);
+            UNROLL for (int pi = 0; pi < P1; ++pi) {
+                __m512 xv = _mm512_maskz_loadu_ps(m, taps[pi][t] + c);
+                UNROLL for (int ri = 0; ri < R1; ++ri) acc[ri][pi] = _mm512_fmadd_ps(wv[ri], xv, acc[ri][pi]);
+            }
+        }
+    }
+    /* constant trip counts: GCC keeps `acc` in registers only if no loop indexes it with a runtime bound */
+    UNROLL for (int ri = 0; ri < R1; ++ri) {
+        UNROLL for (int pi = 0; pi < P1; ++pi) {
+            if (ri < nr && pi < np) {
+                float sum = _mm512_reduce_add_ps(acc[ri][pi]) + b->b1[b->act[j0 + ri]];
+                b->mid[(p0 + pi) * b->k + j0 + ri] = sum > 0.f ? sum : 0.f;
+            }
+        }
+    }
+}
+#endif
+
+/* ---------------------------------------------------------------- conv2: out[p, o] = relu(b2 + res + sum_{t,j} mid[p+t, j] w2[o, act[j], t]) */
+/* w2 is blocked by output tiles, [cout_pad / 64, c, 9, 64]: what one output tile reads of one active channel is one
+ * contiguous 2304-byte run. (With the weight as [9, c, cout] the same reads were 9 runs of 256 bytes scattered
+ * over the matrix, which ran at half the memory bandwidth the dense convolution gets.) */
+static inline const float *w2_chunk(const block_t *b, int64_t o0, int64_t ch) {
+    return b->w2 + ((o0 / O2) * b->c + ch) * 9 * O2;
+}
+
+static void conv2_tile_portable(const block_t *b, int64_t o0, int64_t p0) {
+    int64_t np = min64(b->pt, b->ho * b->wo - p0), no = min64(O2, b->cout - o0);
+    for (int64_t pi = 0; pi < np; ++pi) {
+        const float *taps[9];
+        int64_t p = p0 + pi;
+        tap_pointers(b->mid, b->ho, b->wo, b->k, 1, b->wo, p, b->zeros, taps);
+        float acc[O2];
+        for (int64_t o = 0; o < no; ++o) acc[o] = 0.f;
+        for (int64_t j = 0; j < b->k; ++j) {
+            const float *wc = w2_chunk(b, o0, b->act[j]);
+            for (int t = 0; t < 9; ++t) {
+                float a = taps[t][j];
+                for (int64_t o = 0; o < no; ++o) acc[o] += a * wc[t * O2 + o];
+            }
+        }
+        if (b->wd) {
+            const float *xs = b->x + ((p / b->wo) * b->stride * b->w + (p % b->wo) * b->stride) * b->cin;
+            const float *wdt = b->wd + (o0 / O2) * b->cin * O2;
+            for (int64_t ch = 0; ch < b->cin; ++ch)
+                for (int64_t o = 0; o < no; ++o) acc[o] += xs[ch] * wdt[ch * O2 + o];
+        } else {
+            for (int64_t o = 0; o < no; ++o) acc[o] += b->x[p * b->cin + o0 + o];
+        }
+        for (int64_t o = 0; o < no; ++o) {
+            float v = acc[o] + b->b2[o0 + o];
+            b->out[p * b->cout + o0 + o] = v > 0.f ? v : 0.f;
+        }
+    }
+}
+
+#ifdef __AVX512F__
+/* on: the first output channel of the tile this thread runs next (-1: none). The first pixel tile of an output
+ * tile prefetches its own runs PFJ channels ahead (the runs are a gather, which hardware prefetchers do not
+ * follow); pixel tiles 1-4 prefetch the next output tile's runs, a quarter each. */
+static inline __attribute__((always_inline)) void conv2_tile_avx512(const block_t *b, int64_t o0, int64_t p0,
+                                                                    int64_t on, const int P2) {
+    int64_t np = min64(P2, b->ho * b->wo - p0);
+    const float *taps[PMAX][9];
+    UNROLL for (int pi = 0; pi < P2; ++pi)
+        tap_pointers(b->mid, b->ho, b->wo, b->k, 1, b->wo, p0 + min64(pi, np - 1), b->zeros, taps[pi]);
+    __m512 acc[PMAX][V2];
+    UNROLL for (int pi = 0; pi < P2; ++pi)
+        UNROLL for (int v = 0; v < V2; ++v) acc[pi][v] = _mm512_setzero_ps();
+    const int64_t q = p0 / P2;
+    if (b->ho * b->wo >= P2 * TAP_OUTER_TILES) {
+        /* Many pixel tiles: the output tile's runs stay in L2 from the first pixel tile on. Taps outer, so that the
+         * six pixels' tap pointers stay in registers over the channels. */
+        for (int t = 0; t < 9; ++t) {
+            const float *tp[PMAX];
+            UNROLL for (int pi = 0; pi < P2; ++pi) tp[pi] = taps[pi][t];
+            for (int64_t j = 0; j < b->k; ++j) {
+                const float *wc = w2_chunk(b, o0, b->act[j]) + t * O2;
+                __m512 wv[V2];
+                UNROLL for (int v = 0; v < V2; ++v) wv[v] = _mm512_loadu_ps(wc + 16 * v);
+                UNROLL for (int pi = 0; pi < P2; ++pi) {
+                    __m512 a = _mm512_set1_ps(tp[pi][j]);
+                    UNROLL for (int v = 0; v < V2; ++v) acc[pi][v] = _mm512_fmadd_ps(a, wv[v], acc[pi][v]);
+                }
+            }
+        }
+    } else for (int64_t j = 0; j < b->k; ++j) {
+        const float *wc = w2_chunk(b, o0, b->act[j]);
+        const char *pf = NULL;
+        int64_t pf_line = 0, pf_lines = 0;
+        if (q == 0 && j + PFJ < b->k) {
+            pf = (const char *)w2_chunk(b, o0, b->act[j + PFJ]), pf_lines = 4;
+        } else if (q >= 1 && q <= 4 && on >= 0) {
+            pf = (const char *)w2_chunk(b, on, b->act[j]), pf_line = (q - 1) * 9, pf_lines = 1;
+        }
+        UNROLL for (int t = 0; t < 9; ++t) {
+            if (pf) {
+                for (int64_t l = 0; l < pf_lines; ++l) _mm_prefetch(pf + 64 * (pf_line + t * pf_lines + l), _MM_HINT_T0);
+            }
+            __m512 wv[V2];
+            UNROLL for (int v = 0; v < V2; ++v) wv[v] = _mm512_loadu_ps(wc + t * O2 + 16 * v);
+            UNROLL for (int pi = 0; pi < P2; ++pi) {
+                __m512 a = _mm512_set1_ps(taps[pi][t][j]);
+                UNROLL for (int v = 0; v < V2; ++v) acc[pi][v] = _mm512_fmadd_ps(a, wv[v], acc[pi][v]);
+            }
+        }
+    }
+    if (b->wd) {  /* the downsample shortcut: C_in more rows of the same product, read at the strided pixels */
+        const float *xs[PMAX];
+        UNROLL for (int pi = 0; pi < P2; ++pi) {
+            int64_t p = p0 + min64(pi, np - 1);
+            xs[pi] = b->x + ((p / b->wo) * b->stride * b->w + (p % b->wo) * b->stride) * b->cin;
+        }
+        const float *wdt = b->wd + (o0 / O2) * b->cin * O2;
+        for (int64_t ch = 0; ch < b->cin; ++ch) {
+            __m512 wv[V2];
+            UNROLL for (int v = 0; v < V2; ++v) wv[v] = _mm512_loadu_ps(wdt + ch * O2 + 16 * v);
+            UNROLL for (int pi = 0; pi < P2; ++pi) {
+                __m512 a = _mm512_set1_ps(xs[pi][ch]);
+                UNROLL for (int v = 0; v < V2; ++v) acc[pi][v] = _mm512_fmadd_ps(a, wv[v], acc[pi][v]);
+            }
+        }
+    }
+    __mmask16 m[V2];
+    UNROLL for (int v = 0; v < V2; ++v) {
+        int64_t left = b->cout - o0 - 16 * v;
+        m[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    UNROLL for (int pi = 0; pi < P2; ++pi) {
+        if (pi < np) {
+            int64_t row = (p0 + pi) * b->cout + o0;
+            UNROLL for (int v = 0; v < V2; ++v) {
+                __m512 r = _mm512_add_ps(acc[pi][v], _mm512_maskz_loadu_ps(m[v], b->b2 + o0 + 16 * v));
+                if (!b->wd) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m[v], b->x + (p0 + pi) * b->cin + o0 + 16 * v));
+                _mm512_mask_storeu_ps(b->out + row + 16 * v, m[v], _mm512_max_ps(r, zero));
+            }
+        }
+    }
+}
+#endif
+
+static void conv1_tile(const block_t *b, int64_t j0, int64_t p0, int64_t jn, int portable) {
+#ifdef __AVX512F__
+    if (!portable) {  /* one specialisation per tile size, so that the accumulators stay in registers */
+        if (b->pt == 5) conv1_tile_avx512(b, j0, p0, jn, 5); else conv1_tile_avx512(b, j0, p0, jn, 6);
+        return;
+    }
+#endif
+    (void)portable, (void)jn;
+    conv1_tile_portable(b, j0, p0);
+}
+
+static void conv2_tile(const block_t *b, int64_t o0, int64_t p0, int64_t on, int portable) {
+#ifdef __AVX512F__
+    if (!portable) {
+        if (b->pt == 5) conv2_tile_avx512(b, o0, p0, on, 5); else conv2_tile_avx512(b, o0, p0, on, 6);
+        return;
+    }
+#endif
+    (void)portable, (void)on;
+    conv2_tile_portable(b, o0, p0);
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* Both convolutions of one sample on the calling thread. */
+static void run_serial(const block_t *b, int portable) {
+    int64_t pixels = b->ho * b->wo;
+    for (int64_t j0 = 0; j0 < b->k; j0 += R1)
+        for (int64_t p0 = 0; p0 < pixels; p0 += b->pt)
+            conv1_tile(b, j0, p0, j0 + R1 < b->k ? j0 + R1 : -1, portable);
+    for (int64_t o0 = 0; o0 < b->cout; o0 += O2)
+        for (int64_t p0 = 0; p0 < pixels; p0 += b->pt)
+            conv2_tile(b, o0, p0, o0 + O2 < b->cout ? o0 + O2 : -1, portable);
+}
+
+int vdg_sparse_kernel_version(void) { return 5; }
+
+int vdg_sparse_kernel_avx512(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* One block's weights (set once by vdg/deploy/native.py's NativeBlock). */
+typedef struct {
+    int64_t c, cin, cout, stride;
+    int64_t hidden;      /* gate: hidden units (0: no gate) */
+    const float *wr;     /* gate reduce, transposed: [cin, hidden], BN folded */
+    const float *br;     /* [hidden] */
+    const float *we;     /* gate expand, transposed: [hidden, c] */
+    const float *be;     /* [c] */
+    const float *w1, *b1, *w2, *b2;  /* conv1 rows, conv2 blocked (with the downsample's bias in b2) */
+    const float *wd;     /* the 1x1 downsample shortcut, blocked; NULL: identity (cin == cout, stride 1) */
+} params_t;
+
+/* The eval-mode gate of one sample, `FoldedGate.mask`: mask[o] = 1[be + We relu(br + Wr mean_p(x)) >= 0].
+ * The weights come transposed (wr: [cin, hidden], we: [hidden, c]) so that every loop below runs along
+ * independent outputs and vectorises without reassociating a sum. work: >= cin + hidden floats. */
+static void gate_mask(const params_t *g, const float *x, int64_t pixels, int64_t cin, int64_t c, float *work,
+                      uint8_t *mask) {
+    float *z = work, *hid = work + cin;
+    const int64_t hidden = g->hidden;
+    for (int64_t ch = 0; ch < cin; ++ch) z[ch] = 0.f;
+    for (int64_t p = 0; p < pixels; ++p)
+        for (int64_t ch = 0; ch < cin; ++ch) z[ch] += x[p * cin + ch];
+    for (int64_t ch = 0; ch < cin; ++ch) z[ch] /= (float)pixels;
+    for (int64_t j = 0; j < hidden; ++j) hid[j] = g->br[j];
+    for (int64_t ch = 0; ch < cin; ++ch)
+        for (int64_t j = 0; j < hidden; ++j) hid[j] += g->wr[ch * hidden + j] * z[ch];
+    for (int64_t j = 0; j < hidden; ++j) hid[j] = hid[j] > 0.f ? hid[j] : 0.f;
+    for (int64_t o0 = 0; o0 < c; o0 += 256) {
+        float l[256];
+        int64_t no = c - o0 < 256 ? c - o0 : 256;
+        for (int64_t o = 0; o < no; ++o) l[o] = g->be[o0 + o];
+        for (int64_t j = 0; j < hidden; ++j)
+            for (int64_t o = 0; o < no; ++o) l[o] += g->we[j * c + o0 + o] * hid[j];
+        for (int64_t o = 0; o < no; ++o) mask[o0 + o] = l[o] >= 0.f;
+    }
+}
+
+/* The block for a batch x [n, h, w, cin] (channels_last, contiguous). mask [n, c] (1 = channel kept): written
+ * from the gate when use_gate (the block has one), else read. out: [n, ho, wo, cout]; scratch: >= threads * ho *
+ * wo * c floats. n == 1: the sample's tiles are shared out over `threads` threads; n > 1: the samples are, each
+ * running on one thread (one sample's kernels are too small to share out). Returns 0, or -1 if a buffer could
+ * not be allocated, or -2 if use_gate is asked of a block without a gate. */
+int vdg_sparse_block(const params_t *prm, const float *x, int64_t n, int64_t h, int64_t w, uint8_t *mask,
+                     int use_gate, float *out, float *scratch, int64_t threads, int portable) {
+    const int64_t c = prm->c, cin = prm->cin, cout = prm->cout, stride = prm->stride;
+    const float *w1 = prm->w1, *b1 = prm->b1, *w2 = prm->w2, *b2 = prm->b2, *wd = prm->wd;
+    const int64_t gate_hidden = use_gate ? prm->hidden : 0;
+    const int64_t pixels_ = ((h - 1) / stride + 1) * ((w - 1) / stride + 1);
+    const int64_t tile = ceil_div(pixels_, 5) * 5 < ceil_div(pixels_, 6) * 6 ? 5 : 6;
+    if (use_gate && prm->hidden <= 0) return -2;
+    int64_t ho = (h - 1) / stride + 1, wo = (w - 1) / stride + 1, pixels = ho * wo;
+    if (threads < 1) threads = 1;
+    int64_t zeros_len = (cin > c ? cin : c) + 16, work_len = cin + gate_hidden + 16;
+    float *zeros = (float *)calloc((size_t)zeros_len, sizeof(float));
+    float *work = (float *)malloc(sizeof(float) * (size_t)(work_len * threads));
+    int32_t *act = (int32_t *)malloc(sizeof(int32_t) * (size_t)(c * threads + 1));
+    if (!zeros || !work || !act) { free(zeros); free(work); free(act); return -1; }
+    if (n == 1) {
+        block_t b = {x, h, w, cin, stride, ho, wo, w1, b1, w2, b2, wd, c, cout, act, 0, scratch, out, zeros, tile};
+        if (gate_hidden > 0) gate_mask(prm, x, h * w, cin, c, work, mask);
+        for (int64_t ch = 0; ch < c; ++ch)
+            if (mask[ch]) act[b.k++] = (int32_t)ch;
+        {
+            int64_t rt = ceil_div(b.k, R1), pt1 = ceil_div(pixels, b.pt);
+            int64_t ot = ceil_div(cout, O2), pt2 = ceil_div(pixels, b.pt);
+#pragma omp parallel num_threads((int)threads) if (threads > 1)
+            {
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < rt * pt1; ++i) {
+                    int64_t r = i / pt1;
+                    conv1_tile(&b, r * R1, (i % pt1) * b.pt, r + 1 < rt ? (r + 1) * R1 : -1, portable);
+                }
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < ot * pt2; ++i) {
+                    int64_t o = i / pt2;
+                    conv2_tile(&b, o * O2, (i % pt2) * b.pt, o + 1 < ot ? (o + 1) * O2 : -1, portable);
+                }
+            }
+        }
+    } else {
+#pragma omp parallel num_threads((int)threads) if (threads > 1)
+        {
+            int tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#endif
+            int32_t *my_act = act + (int64_t)tid * c;
+            float *my_mid = scratch + (int64_t)tid * pixels * c, *my_work = work + (int64_t)tid * work_len;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t s = 0; s < n; ++s) {
+                const float *xs = x + s * h * w * cin;
+                block_t b = {xs, h, w, cin, stride, ho, wo, w1, b1, w2, b2,
+                             wd, c, cout, my_act, 0, my_mid, out + s * pixels * cout, zeros, tile};
+                uint8_t *ms = mask + s * c;
+                if (gate_hidden > 0) gate_mask(prm, xs, h * w, cin, c, my_work, ms);
+                for (int64_t ch = 0; ch < c; ++ch)
+                    if (ms[ch]) my_act[b.k++] = (int32_t)ch;
+                run_serial(&b, portable);
+            }
+        }
+    }
+    free(zeros);
+    free(work);
+    free(act);
+    return 0;
+}
