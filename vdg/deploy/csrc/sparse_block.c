@@ -1,17 +1,19 @@
-/* The per-sample path of one gated BasicBlock in one call: conv1 only for each sample's active output channels
- * (BN folded, + bias, ReLU), conv2 reading only those channels (BN folded, + bias, + shortcut, ReLU).
+/* The per-sample path of one gated BasicBlock in one call (vdg/deploy/native.py binds it; docs/deploy.md has the
+ * measurements): the eval-mode gate, conv1 only for each sample's active output channels (BN folded, + bias,
+ * ReLU), conv2 reading only those channels, the shortcut, + bias, ReLU.
  *
- * Why hand-written (vdg/deploy/native.py has the measurements): PyTorch has no matrix product that reads an
- * indexed subset of a weight matrix's rows. Gathering the active rows into a copy and multiplying the copy with
- * oneDNN copies the active weights twice per call (the gather, then oneDNN's packing of a weight it has not seen);
- * at batch 1 in a ResNet-18's last stages, where a 3x3 convolution does only (pixels) multiply-adds per weight,
- * those copies cost as much as the multiplications skipped. These kernels read each active weight in place:
+ * Why hand-written: PyTorch has no matrix product that reads an indexed subset of a weight matrix's rows.
+ * Gathering the active rows into a copy and multiplying the copy with oneDNN copies the active weights twice per
+ * call (the gather, then oneDNN's packing of a weight it has not seen); at batch 1 in a ResNet-18's last stages,
+ * where a 3x3 convolution does only (pixels) multiply-adds per weight, those copies cost as much as the
+ * multiplications skipped. These kernels read each active weight in place:
  *
- * - conv1, dot-product form: tile = 4 active output channels x 6 output pixels, vectors along the input
- *   channels of each 3x3 tap (weights [C, 3, 3, C_in] rows, input channels_last), 24 accumulators, horizontal
- *   sums at the end;
- * - conv2, outer-product form: tile = 6 output pixels x 64 output channels, for every tap and active mid channel
- *   one row of the [3, 3, C, C_out] weight (contiguous along C_out) times a broadcast activation.
+ * - conv1, dot-product form: tile = 4 active output channels x 6 output pixels (5 on maps where that wastes
+ *   fewer), vectors along the input channels of each 3x3 tap (weights [C, 3, 3, C_in] rows, input
+ *   channels_last), 24 accumulators, horizontal sums at the end;
+ * - conv2, outer-product form: tile = 6 (or 5) output pixels x 64 output channels; for every active mid channel
+ *   and tap one 64-wide run of the weight, blocked [C_out / 64, C, 9, 64] so that a tile's runs of one channel
+ *   are contiguous, times a broadcast activation; the 1x1 downsample shortcut is C_in more rows of the same sum.
  *
  * Padding (1) is handled by pointing taps that fall outside the map at a zero vector; nothing is copied.
  * Float32 only. Summation order differs from oneDNN's: equal to the masked reference up to float round-off.
