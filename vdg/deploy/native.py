@@ -31,7 +31,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_block.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-VERSION = 5  # vdg_sparse_kernel_version() of the source this module speaks to
+VERSION = 6  # vdg_sparse_kernel_version() of the source this module speaks to
 
 
 class NativeKernelError(RuntimeError):
@@ -116,7 +116,7 @@ def build() -> Path:
 class Params(ctypes.Structure):
     """params_t of the C source: one block's sizes and weight pointers."""
 
-    _fields_ = [(name, ctypes.c_int64) for name in ("c", "cin", "cout", "stride", "hidden")] + [
+    _fields_ = [(name, ctypes.c_int64) for name in ("c", "cin", "cout", "stride", "tile_out", "hidden")] + [
         (name, ctypes.c_void_p) for name in ("wr", "br", "we", "be", "w1", "b1", "w2", "b2", "wd")
     ]
 
@@ -162,17 +162,20 @@ def uses_avx512() -> bool:
     return bool(library().vdg_sparse_kernel_avx512())
 
 
-TILE_OUT = 64  # output channels per conv2 tile (O2 in the C source)
+def output_tile(c_out: int) -> int:
+    """Output channels per conv2 tile: 64, or 16 / 32 for blocks with that few (the tile's lanes would be
+    wasted on padding: a width-8 network's first stage has 8 output channels)."""
+    return 16 if c_out <= 16 else 32 if c_out <= 32 else 64
 
 
-def block_conv2(weight: Tensor) -> Tensor:
-    """A conv weight [C_out, C, kh, kw] in the kernel's layout [ceil(C_out / 64), C, kh * kw, 64] (output
-    channels zero-padded to a multiple of 64): one output tile's weights of one input channel are one run."""
+def block_conv2(weight: Tensor, tile: int) -> Tensor:
+    """A conv weight [C_out, C, kh, kw] in the kernel's layout [ceil(C_out / tile), C, kh * kw, tile] (output
+    channels zero-padded to a multiple of the tile): one output tile's weights of one input channel are one run."""
     c_out, c, kh, kw = weight.shape
-    tiles = -(-c_out // TILE_OUT)
+    tiles = -(-c_out // tile)
     w = weight.detach().float().reshape(c_out, c, kh * kw)
-    w = torch.nn.functional.pad(w, (0, 0, 0, 0, 0, tiles * TILE_OUT - c_out))
-    return w.reshape(tiles, TILE_OUT, c, kh * kw).permute(0, 2, 3, 1).contiguous()
+    w = torch.nn.functional.pad(w, (0, 0, 0, 0, 0, tiles * tile - c_out))
+    return w.reshape(tiles, tile, c, kh * kw).permute(0, 2, 3, 1).contiguous()
 
 
 def _check(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
@@ -205,17 +208,18 @@ class NativeBlock:
         self.c, k1 = w1_rows.shape
         self.c_in, self.c_out, self.stride = k1 // 9, w2.shape[0], int(stride)
         self.w1_rows, self.b1, self.b2 = w1_rows.contiguous(), b1.contiguous(), b2.contiguous()
-        self.w2 = block_conv2(w2)
+        self.tile = output_tile(self.c_out)
+        self.w2 = block_conv2(w2, self.tile)
         _check("w1_rows", self.w1_rows, (self.c, 9 * self.c_in))
         _check("b1", self.b1, (self.c,))
-        _check("w2", self.w2, (-(-self.c_out // TILE_OUT), self.c, 9, TILE_OUT))
+        _check("w2", self.w2, (-(-self.c_out // self.tile), self.c, 9, self.tile))
         _check("b2", self.b2, (self.c_out,))
         self.wd = None
         if downsample is not None:
             wd, bd = downsample
-            self.wd = block_conv2(wd.reshape(self.c_out, self.c_in, 1, 1))
+            self.wd = block_conv2(wd.reshape(self.c_out, self.c_in, 1, 1), self.tile)
             self.b2 = (self.b2 + bd).contiguous()  # the kernel adds one bias for conv2 and the shortcut
-            _check("downsample", self.wd, (-(-self.c_out // TILE_OUT), self.c_in, 1, TILE_OUT))
+            _check("downsample", self.wd, (-(-self.c_out // self.tile), self.c_in, 1, self.tile))
         elif self.c_in != self.c_out or self.stride != 1:
             raise ValueError(f"an identity shortcut needs C_in == C_out and stride 1, got {self.c_in} -> "
                              f"{self.c_out}, stride {self.stride}: pass the block's downsample")
@@ -235,7 +239,7 @@ class NativeBlock:
         gate = [t.data_ptr() for t in self.gate] if self.gate is not None else [None] * 4
         wd = self.wd.data_ptr() if self.wd is not None else None
         weights = (*gate, self.w1_rows.data_ptr(), self.b1.data_ptr(), self.w2.data_ptr(), self.b2.data_ptr(), wd)
-        self._params = Params(self.c, self.c_in, self.c_out, self.stride, self.hidden, *weights)
+        self._params = Params(self.c, self.c_in, self.c_out, self.stride, self.tile, self.hidden, *weights)
         self._params_ref = ctypes.byref(self._params)  # the tensors above live as long as self
 
     def scratch_size(self, ho: int, wo: int, threads: int) -> int:
@@ -290,6 +294,8 @@ class NativeBlock:
             self._params_ref, x.data_ptr(), n, h, w, mask.data_ptr(), int(use_gate), out.data_ptr(),
             scratch.data_ptr(), threads, int(portable),
         )
-        if status != 0:
+        if status == -1:
             raise MemoryError("sparse execution's kernel could not allocate its index buffers")
+        if status != 0:  # -2: a gate asked of a block without one, -3: a tile size the kernel has no code for
+            raise RuntimeError(f"sparse execution's kernel refused the block (status {status}); a vdg bug")
         return out

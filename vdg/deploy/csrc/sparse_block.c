@@ -33,9 +33,7 @@
 
 #define R1 6  /* conv1 tile: active output channels */
 #define P1 4  /* conv1 tile: output pixels (6 x 4 ran 2-6% faster than 4 x 6, 8 x 3 and 3 x 8 over the network) */
-#define PMAX 6  /* output pixels per tile, at most (P1, block_t.pt) */
-#define V2 4  /* conv2 tile: 16-float vectors of output channels (64 channels) */
-#define O2 (16 * V2)
+#define PMAX 24  /* output pixels per tile, at most (P1, block_t.pt) */
 #define PFJ 2 /* conv2: active channels prefetched ahead */
 #ifndef TAP_OUTER_TILES
 #define TAP_OUTER_TILES 32 /* conv2: maps of at least this many pixel tiles (17 x 17 and up) loop over taps outermost */
@@ -56,7 +54,8 @@ typedef struct {
     float *mid;          /* [ho * wo, k] */
     float *out;          /* [ho * wo, cout] */
     const float *zeros;  /* >= max(cin, k) zeros */
-    int64_t pt;          /* output pixels per conv2 tile: 6, or 5 where that wastes fewer (5 x 5 maps) */
+    int64_t pt;          /* output pixels per conv2 tile: 24 x 16 channels, 12 x 32, or 6 x 64 (5 on 5 x 5 maps) */
+    int64_t to;          /* output channels per conv2 tile: 16, 32 or 64 (params_t.tile_out) */
 } block_t;
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -135,29 +134,29 @@ static void conv1_tile_avx512(const block_t *b, int64_t j0, int64_t p0, int64_t 
  * contiguous 2304-byte run. (With the weight as [9, c, cout] the same reads were 9 runs of 256 bytes scattered
  * over the matrix, which ran at half the memory bandwidth the dense convolution gets.) */
 static inline const float *w2_chunk(const block_t *b, int64_t o0, int64_t ch) {
-    return b->w2 + ((o0 / O2) * b->c + ch) * 9 * O2;
+    return b->w2 + ((o0 / b->to) * b->c + ch) * 9 * b->to;
 }
 
 static void conv2_tile_portable(const block_t *b, int64_t o0, int64_t p0) {
-    int64_t np = min64(b->pt, b->ho * b->wo - p0), no = min64(O2, b->cout - o0);
+    int64_t np = min64(b->pt, b->ho * b->wo - p0), no = min64(b->to, b->cout - o0);
     for (int64_t pi = 0; pi < np; ++pi) {
         const float *taps[9];
         int64_t p = p0 + pi;
         tap_pointers(b->mid, b->ho, b->wo, b->k, 1, b->wo, p, b->zeros, taps);
-        float acc[O2];
+        float acc[64];
         for (int64_t o = 0; o < no; ++o) acc[o] = 0.f;
         for (int64_t j = 0; j < b->k; ++j) {
             const float *wc = w2_chunk(b, o0, b->act[j]);
             for (int t = 0; t < 9; ++t) {
                 float a = taps[t][j];
-                for (int64_t o = 0; o < no; ++o) acc[o] += a * wc[t * O2 + o];
+                for (int64_t o = 0; o < no; ++o) acc[o] += a * wc[t * b->to + o];
             }
         }
         if (b->wd) {
             const float *xs = b->x + ((p / b->wo) * b->stride * b->w + (p % b->wo) * b->stride) * b->cin;
-            const float *wdt = b->wd + (o0 / O2) * b->cin * O2;
+            const float *wdt = b->wd + (o0 / b->to) * b->cin * b->to;
             for (int64_t ch = 0; ch < b->cin; ++ch)
-                for (int64_t o = 0; o < no; ++o) acc[o] += xs[ch] * wdt[ch * O2 + o];
+                for (int64_t o = 0; o < no; ++o) acc[o] += xs[ch] * wdt[ch * b->to + o];
         } else {
             for (int64_t o = 0; o < no; ++o) acc[o] += b->x[p * b->cin + o0 + o];
         }
@@ -173,12 +172,13 @@ static void conv2_tile_portable(const block_t *b, int64_t o0, int64_t p0) {
  * tile prefetches its own runs PFJ channels ahead (the runs are a gather, which hardware prefetchers do not
  * follow); pixel tiles 1-4 prefetch the next output tile's runs, a quarter each. */
 static inline __attribute__((always_inline)) void conv2_tile_avx512(const block_t *b, int64_t o0, int64_t p0,
-                                                                    int64_t on, const int P2) {
+                                                                    int64_t on, const int P2, const int V2) {
+    const int O2 = 16 * V2;
     int64_t np = min64(P2, b->ho * b->wo - p0);
     const float *taps[PMAX][9];
     UNROLL for (int pi = 0; pi < P2; ++pi)
         tap_pointers(b->mid, b->ho, b->wo, b->k, 1, b->wo, p0 + min64(pi, np - 1), b->zeros, taps[pi]);
-    __m512 acc[PMAX][V2];
+    __m512 acc[PMAX][4];
     UNROLL for (int pi = 0; pi < P2; ++pi)
         UNROLL for (int v = 0; v < V2; ++v) acc[pi][v] = _mm512_setzero_ps();
     const int64_t q = p0 / P2;
@@ -190,7 +190,7 @@ static inline __attribute__((always_inline)) void conv2_tile_avx512(const block_
             UNROLL for (int pi = 0; pi < P2; ++pi) tp[pi] = taps[pi][t];
             for (int64_t j = 0; j < b->k; ++j) {
                 const float *wc = w2_chunk(b, o0, b->act[j]) + t * O2;
-                __m512 wv[V2];
+                __m512 wv[4];
                 UNROLL for (int v = 0; v < V2; ++v) wv[v] = _mm512_loadu_ps(wc + 16 * v);
                 UNROLL for (int pi = 0; pi < P2; ++pi) {
                     __m512 a = _mm512_set1_ps(tp[pi][j]);
@@ -203,15 +203,15 @@ static inline __attribute__((always_inline)) void conv2_tile_avx512(const block_
         const char *pf = NULL;
         int64_t pf_line = 0, pf_lines = 0;
         if (q == 0 && j + PFJ < b->k) {
-            pf = (const char *)w2_chunk(b, o0, b->act[j + PFJ]), pf_lines = 4;
-        } else if (q >= 1 && q <= 4 && on >= 0) {
+            pf = (const char *)w2_chunk(b, o0, b->act[j + PFJ]), pf_lines = V2;
+        } else if (q >= 1 && q <= V2 && on >= 0) {
             pf = (const char *)w2_chunk(b, on, b->act[j]), pf_line = (q - 1) * 9, pf_lines = 1;
         }
         UNROLL for (int t = 0; t < 9; ++t) {
             if (pf) {
                 for (int64_t l = 0; l < pf_lines; ++l) _mm_prefetch(pf + 64 * (pf_line + t * pf_lines + l), _MM_HINT_T0);
             }
-            __m512 wv[V2];
+            __m512 wv[4];
             UNROLL for (int v = 0; v < V2; ++v) wv[v] = _mm512_loadu_ps(wc + t * O2 + 16 * v);
             UNROLL for (int pi = 0; pi < P2; ++pi) {
                 __m512 a = _mm512_set1_ps(taps[pi][t][j]);
@@ -227,7 +227,7 @@ static inline __attribute__((always_inline)) void conv2_tile_avx512(const block_
         }
         const float *wdt = b->wd + (o0 / O2) * b->cin * O2;
         for (int64_t ch = 0; ch < b->cin; ++ch) {
-            __m512 wv[V2];
+            __m512 wv[4];
             UNROLL for (int v = 0; v < V2; ++v) wv[v] = _mm512_loadu_ps(wdt + ch * O2 + 16 * v);
             UNROLL for (int pi = 0; pi < P2; ++pi) {
                 __m512 a = _mm512_set1_ps(xs[pi][ch]);
@@ -235,7 +235,7 @@ static inline __attribute__((always_inline)) void conv2_tile_avx512(const block_
             }
         }
     }
-    __mmask16 m[V2];
+    __mmask16 m[4];
     UNROLL for (int v = 0; v < V2; ++v) {
         int64_t left = b->cout - o0 - 16 * v;
         m[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
@@ -268,7 +268,12 @@ static void conv1_tile(const block_t *b, int64_t j0, int64_t p0, int64_t jn, int
 static void conv2_tile(const block_t *b, int64_t o0, int64_t p0, int64_t on, int portable) {
 #ifdef __AVX512F__
     if (!portable) {
-        if (b->pt == 5) conv2_tile_avx512(b, o0, p0, on, 5); else conv2_tile_avx512(b, o0, p0, on, 6);
+        switch (b->to) {  /* one specialisation per tile shape, so that the accumulators stay in registers */
+        case 16: conv2_tile_avx512(b, o0, p0, on, 24, 1); break;
+        case 32: conv2_tile_avx512(b, o0, p0, on, 12, 2); break;
+        default:
+            if (b->pt == 5) conv2_tile_avx512(b, o0, p0, on, 5, 4); else conv2_tile_avx512(b, o0, p0, on, 6, 4);
+        }
         return;
     }
 #endif
@@ -284,12 +289,12 @@ static void run_serial(const block_t *b, int portable) {
     for (int64_t j0 = 0; j0 < b->k; j0 += R1)
         for (int64_t p0 = 0; p0 < pixels; p0 += P1)
             conv1_tile(b, j0, p0, j0 + R1 < b->k ? j0 + R1 : -1, portable);
-    for (int64_t o0 = 0; o0 < b->cout; o0 += O2)
+    for (int64_t o0 = 0; o0 < b->cout; o0 += b->to)
         for (int64_t p0 = 0; p0 < pixels; p0 += b->pt)
-            conv2_tile(b, o0, p0, o0 + O2 < b->cout ? o0 + O2 : -1, portable);
+            conv2_tile(b, o0, p0, o0 + b->to < b->cout ? o0 + b->to : -1, portable);
 }
 
-int vdg_sparse_kernel_version(void) { return 5; }
+int vdg_sparse_kernel_version(void) { return 6; }
 
 int vdg_sparse_kernel_avx512(void) {
 #ifdef __AVX512F__
@@ -302,6 +307,7 @@ int vdg_sparse_kernel_avx512(void) {
 /* One block's weights (set once by vdg/deploy/native.py's NativeBlock). */
 typedef struct {
     int64_t c, cin, cout, stride;
+    int64_t tile_out;    /* output channels per conv2 tile, the blocking of w2 and wd: 16, 32 or 64 */
     int64_t hidden;      /* gate: hidden units (0: no gate) */
     const float *wr;     /* gate reduce, transposed: [cin, hidden], BN folded */
     const float *br;     /* [hidden] */
@@ -347,7 +353,9 @@ int vdg_sparse_block(const params_t *prm, const float *x, int64_t n, int64_t h, 
     const float *w1 = prm->w1, *b1 = prm->b1, *w2 = prm->w2, *b2 = prm->b2, *wd = prm->wd;
     const int64_t gate_hidden = use_gate ? prm->hidden : 0;
     const int64_t pixels_ = ((h - 1) / stride + 1) * ((w - 1) / stride + 1);
-    const int64_t tile = ceil_div(pixels_, 5) * 5 < ceil_div(pixels_, 6) * 6 ? 5 : 6;
+    const int64_t to = prm->tile_out;
+    if (to != 16 && to != 32 && to != 64) return -3;
+    const int64_t tile = to == 16 ? 24 : to == 32 ? 12 : ceil_div(pixels_, 5) * 5 < ceil_div(pixels_, 6) * 6 ? 5 : 6;
     if (use_gate && prm->hidden <= 0) return -2;
     int64_t ho = (h - 1) / stride + 1, wo = (w - 1) / stride + 1, pixels = ho * wo;
     if (threads < 1) threads = 1;
@@ -357,13 +365,13 @@ int vdg_sparse_block(const params_t *prm, const float *x, int64_t n, int64_t h, 
     int32_t *act = (int32_t *)malloc(sizeof(int32_t) * (size_t)(c * threads + 1));
     if (!zeros || !work || !act) { free(zeros); free(work); free(act); return -1; }
     if (n == 1) {
-        block_t b = {x, h, w, cin, stride, ho, wo, w1, b1, w2, b2, wd, c, cout, act, 0, scratch, out, zeros, tile};
+        block_t b = {x, h, w, cin, stride, ho, wo, w1, b1, w2, b2, wd, c, cout, act, 0, scratch, out, zeros, tile, to};
         if (gate_hidden > 0) gate_mask(prm, x, h * w, cin, c, work, mask);
         for (int64_t ch = 0; ch < c; ++ch)
             if (mask[ch]) act[b.k++] = (int32_t)ch;
         {
             int64_t rt = ceil_div(b.k, R1), pt1 = ceil_div(pixels, P1);
-            int64_t ot = ceil_div(cout, O2), pt2 = ceil_div(pixels, b.pt);
+            int64_t ot = ceil_div(cout, to), pt2 = ceil_div(pixels, b.pt);
 #pragma omp parallel num_threads((int)threads) if (threads > 1)
             {
 #pragma omp for schedule(static)
@@ -374,7 +382,7 @@ int vdg_sparse_block(const params_t *prm, const float *x, int64_t n, int64_t h, 
 #pragma omp for schedule(static)
                 for (int64_t i = 0; i < ot * pt2; ++i) {
                     int64_t o = i / pt2;
-                    conv2_tile(&b, o * O2, (i % pt2) * b.pt, o + 1 < ot ? (o + 1) * O2 : -1, portable);
+                    conv2_tile(&b, o * to, (i % pt2) * b.pt, o + 1 < ot ? (o + 1) * to : -1, portable);
                 }
             }
         }
@@ -391,7 +399,7 @@ int vdg_sparse_block(const params_t *prm, const float *x, int64_t n, int64_t h, 
             for (int64_t s = 0; s < n; ++s) {
                 const float *xs = x + s * h * w * cin;
                 block_t b = {xs, h, w, cin, stride, ho, wo, w1, b1, w2, b2,
-                             wd, c, cout, my_act, 0, my_mid, out + s * pixels * cout, zeros, tile};
+                             wd, c, cout, my_act, 0, my_mid, out + s * pixels * cout, zeros, tile, to};
                 uint8_t *ms = mask + s * c;
                 if (gate_hidden > 0) gate_mask(prm, xs, h * w, cin, c, my_work, ms);
                 for (int64_t ch = 0; ch < c; ++ch)
