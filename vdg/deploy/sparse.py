@@ -310,8 +310,8 @@ def default_path(block: FoldedBlock, batch_size: int, pixels: int, device: torch
       per-sample kernels on a GPU would be launch-bound;
     - the compiled kernel (`kernel="native"`): per-sample in every block at every batch size. Measured (2-core
       AMD EPYC, 2 threads, calibrated masks at density 0.33): width 64, the block time against the masked path's
-      was 0.39-0.56 at batch 1 and 0.48-0.82 at batch 64, in every block; width 8 (the quickstart), 0.3 ms
-      against 1.0 ms for the whole network at batch 1 and equal (7.9 vs 7.3-7.9 ms) at batch 64;
+      was 0.39-0.56 at batch 1 and 0.48-0.82 at batch 64, in every block; width 8 (the quickstart), whole
+      network, 0.29 ms against 0.97 ms masked at batch 1 and 7.0 ms against 8.4 ms at batch 64;
     the rest is the rule of the PyTorch kernel (`kernel="torch"`):
     - blocks under `SAMPLE_MIN_MACS` per sample (e.g. every block of a width-8 network): masked; the per-sample
       path's fixed cost per call (gathers, a dozen small ops) exceeds what skipping channels saves;
