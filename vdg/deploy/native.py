@@ -1,5 +1,10 @@
 """The compiled kernel of sparse execution (`csrc/sparse_block.c`): one gated block's per-sample path in one call.
 
+Equality: the gate, the active-channel convolutions and the shortcut compute the masked reference's sums in
+another order, so outputs equal `FoldedBlock.masked` (and the `GatedResNet` eval forward) up to float round-off,
+for every batch size, channel count and mask, all-off and all-on included (tests/test_native.py, test_sparse.py);
+the masks are identical unless a gate logit lies within round-off of 0.
+
 Why a compiled kernel (and why plain C through ctypes rather than a PyTorch C++ extension): PyTorch has no matrix
 product that reads an indexed subset of a weight's rows, so the PyTorch per-sample path (`kernel="torch"`) gathers
 the active rows into a copy and oneDNN then packs that copy again; in the late stages at batch 1 those two copies
