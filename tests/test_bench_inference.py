@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vdg.deploy import native
 from vdg.deploy.bench import (
     EXECUTIONS,
     append_row,
@@ -50,6 +51,7 @@ def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp
         assert result[f"{network}_ms"] <= max(result[f"{network}_onednn_ms"], result[f"{network}_native_ms"])
         assert result["engines"][network] in ("onednn", "native")
     assert result["kernel"] == "native" and 0 < result["latency_ratio"]
+    assert result["kernel_avx512"] == native.uses_avx512()
     assert result["max_rel_diff"] <= 1e-4 and 0 < result["flops_ratio"] < 1
     assert len(result["plan"]) == 8 and len(result["slim_widths"]) == 8 and result["images"] == 3
     path = append_row(result, tmp_path / "inference.md")

@@ -71,8 +71,7 @@ def test_kernel_equals_the_masked_convolutions(c_in, c, c_out, stride, size, por
     assert ((out - expected).abs().max() / expected.abs().max()).item() <= 1e-5
 
 
-def test_avx512_and_portable_paths_agree_and_are_reported():
-    assert native.uses_avx512() in (True, False)  # which one `portable=False` runs on this CPU
+def test_avx512_and_portable_paths_agree():
     weights, block = random_block(40, 21, 64, 1, seed=3)
     x = torch.randn(2, 40, 6, 6)
     mask = torch.rand(2, 21) < 0.5

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vdg.deploy import native
 from vdg.deploy.native import NativeKernelError
 from vdg.deploy.slim import profile_from_masks, slim_resnet, slim_widths
 from vdg.deploy.sparse import KERNELS, BlockPath, FoldedResNet, interleaved_times
@@ -355,6 +356,7 @@ def measure(
             "plan": paths,
             "plan_choice": plan,
             "kernel": sparse.kernel,
+            "kernel_avx512": native.uses_avx512() if sparse.kernel == "native" else None,  # else portable C loops
             "engines": engines,
             "density_per_block": cost.channel_density(active).tolist(),
             "slim_widths": widths,

@@ -277,7 +277,7 @@ class NativeBlock:
             raise ValueError(f"mask: need a contiguous bool tensor [{n}, {self.c}], got {got}")
         needed = self.scratch_size(ho, wo, threads)
         if scratch.dtype != torch.float32 or not scratch.is_contiguous() or scratch.numel() < needed:
-            raise ValueError(f"scratch: need >= {self.scratch_size(ho, wo, threads)} contiguous float32 elements")
+            raise ValueError(f"scratch: need >= {needed} contiguous float32 elements")
         if use_gate and self.gate is None:
             raise ValueError("use_gate=True, but the block was given no gate")
         return self.run_trusted(x, out, mask, scratch, threads, use_gate, portable)

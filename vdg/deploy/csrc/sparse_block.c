@@ -11,9 +11,10 @@
  * - conv1, dot-product form: tile = 6 active output channels x 4 output pixels, vectors along the input
  *   channels of each 3x3 tap (weights [C, 3, 3, C_in] rows, input channels_last), 24 accumulators, horizontal
  *   sums at the end;
- * - conv2, outer-product form: tile = 6 (or 5) output pixels x 64 output channels; for every active mid channel
- *   and tap one 64-wide run of the weight, blocked [C_out / 64, C, 9, 64] so that a tile's runs of one channel
- *   are contiguous, times a broadcast activation; the 1x1 downsample shortcut is C_in more rows of the same sum.
+ * - conv2, outer-product form: tile = 6 (or 5) output pixels x 64 output channels (24 x 16 or 12 x 32 where a
+ *   block has that few); for every active mid channel and tap one tile-wide run of the weight, blocked
+ *   [C_out / tile, C, 9, tile] so that a tile's runs of one channel are contiguous, times a broadcast activation;
+ *   the 1x1 downsample shortcut is C_in more rows of the same sum.
  *
  * Padding (1) is handled by pointing taps that fall outside the map at a zero vector; nothing is copied.
  * Float32 only. Summation order differs from oneDNN's: equal to the masked reference up to float round-off.
