@@ -34,6 +34,26 @@ class BranchNorm(nn.Module):
         return self.norms[branch.value if self.split else "shared"](x)
 
 
+class ShortcutConv(nn.Conv2d):
+    """The shortcut's strided 1x1 convolution (in_planes -> planes, stride s, no bias): a plain `nn.Conv2d` (same
+    parameters and state-dict keys) that routes around a oneDNN crash.
+
+    On CPU with fewer than 8 input channels it runs as "take every s-th pixel, then a stride-1 1x1 convolution":
+    the same sums, another oneDNN primitive. Why: oneDNN's AVX2 weight gradient of a *strided* 1x1 convolution
+    in channels_last segfaults, or spins forever, for 2-7 input channels (backbone.width=4's first shortcut).
+    Verbose line of the crash: `jit_1x1:avx2,backward_weights,src/dst f32 acdb,
+    mb16_ic4oc8_ih34oh17kh1sh2_iw34ow17kw1sw2`; torch 2.14.1 with its bundled oneDNN v3.12.0. Reproduced on an
+    AVX-512 CPU with ONEDNN_MAX_CPU_ISA=AVX2; NCHW, stride 1, >= 8 channels and the AVX-512 kernels are fine
+    (tests/test_isa.py). Drop this class once a torch whose oneDNN passes that test is the minimum.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_channels < 8 and self.stride != (1, 1) and x.device.type == "cpu":
+            sh, sw = self.stride
+            return nn.functional.conv2d(x[:, :, ::sh, ::sw], self.weight)
+        return super().forward(x)
+
+
 class GatedBasicBlock(nn.Module):
     """ResNet BasicBlock whose conv1 output channels are masked by a `ChannelGate` in the gated branch.
 
@@ -69,7 +89,7 @@ class GatedBasicBlock(nn.Module):
         self.downsample: nn.Conv2d | None = None
         self.downsample_bn: BranchNorm | None = None
         if stride != 1 or in_planes != planes:
-            self.downsample = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+            self.downsample = ShortcutConv(in_planes, planes, 1, stride, bias=False)
             self.downsample_bn = BranchNorm(planes, branches, split_shortcut_bn)
 
     def forward(self, x: Tensor, branch: Branch) -> tuple[Tensor, Tensor | None]:

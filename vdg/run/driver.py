@@ -32,6 +32,7 @@ from vdg.run.callbacks import FAULT_ENV, EpochTimer, FaultInjection, NonFiniteGu
 from vdg.run.checkpoint_io import AtomicCheckpointIO, StorageError, atomic_write_text, remove_orphans, storage_error
 from vdg.run.cli import Interrupted
 from vdg.run.config import ConfigError, validate_pretrain_config
+from vdg.run.hardstop import hard_stop
 from vdg.run.logging import build_loggers, check_logger
 from vdg.run.progress import progress_callbacks
 from vdg.run.resume import ExtendedSchedule, ResumePoint, find_resume_point
@@ -330,9 +331,12 @@ def after_training(
 def fit(trainer: pl.Trainer, model: BaseMethod, datamodule: PretrainDataModule, ckpt_path: Path | None) -> None:
     """trainer.fit, with the ways it can stop early made explicit: a signal (SIGINT, SIGTERM of a pre-empted
     job) is a `RunInterrupted` naming the checkpoint to resume from, never a silent exit status 0; a full
-    disk or a read-only file system under Lightning's own writers is a one-line `StorageError`."""
+    disk or a read-only file system under Lightning's own writers is a one-line `StorageError`. A signal whose
+    graceful stop does not begin within seconds (a native op that never returns), or a second one, ends the
+    process (`hard_stop`), so `timeout` and a scheduler's SIGTERM always work."""
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        with hard_stop():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except SystemExit as err:  # Lightning turns SIGINT into sys.exit(1) and SIGTERM into SIGTERMException
         sigterm = getattr(trainer, "received_sigterm", False)
         if trainer.state.status == TrainerStatus.INTERRUPTED or sigterm:
