@@ -36,6 +36,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without `pip install -e .`
 
+from vdg.core import machine  # noqa: E402
 from vdg.eval.features import channels_last, eval_mode  # noqa: E402
 from vdg.eval.linear import train_linear_runs  # noqa: E402
 from vdg.eval.protocols import Evaluation, linear_protocol  # noqa: E402
@@ -134,6 +135,7 @@ def main(argv: list[str]) -> int:
     row = {
         "ckpt": str(cfg.ckpt),
         "device": str(evaluation.device),
+        "machine": machine.describe() if evaluation.device.type == "cpu" else torch.cuda.get_device_name(),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_1min": os.getloadavg()[0],
@@ -151,9 +153,11 @@ def main(argv: list[str]) -> int:
         "projected_linear_s": epochs * linear["wall_s"],
         "bench_s": bench_s,
     }
+    where = (f"{machine.cpu_model()}, oneDNN {machine.short_isa()}" if evaluation.device.type == "cpu"
+             else row["machine"])
     print(f"{evaluation.dataset.name}, {bare['images']} train images, branches {row['branches']}, {runs} runs, "
-          f"{evaluation.device}, {row['threads']} threads (OMP_WAIT_POLICY {row['omp_wait_policy']}), load average "
-          f"{row['load_average_1min']:.1f}")
+          f"{evaluation.device} ({where}), {row['threads']} threads (OMP_WAIT_POLICY {row['omp_wait_policy']}), "
+          f"load average {row['load_average_1min']:.1f}")
     print(f"  bare frozen features: {bare_rate:8.0f} image passes/s  ({bare['cpu_s']:.2f} CPU s per pass)")
     print(f"  linear protocol:      {linear_rate:8.0f} image passes/s  ({linear['cpu_s']:.2f} CPU s per epoch, "
           f"{linear['backend']} views, {linear['view_streams']} stream(s)) = {100 * row['linear_over_bare']:.0f}% "

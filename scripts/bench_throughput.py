@@ -36,7 +36,7 @@ import contextlib
 import datetime
 import itertools
 import json
-import platform
+import os
 import resource
 import sys
 import time
@@ -50,6 +50,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from vdg.core import machine
 from vdg.data import PretrainDataModule
 from vdg.methods import BaseMethod, build_method
 from vdg.models import Branch
@@ -85,7 +86,8 @@ PEAK_TFLOPS = {
 RESULTS_HEADER = """# Training throughput (scripts/bench_throughput.py)
 
 One row per (method, data backend, compile) cell, appended by each run. Columns:
-- date, device (GPU name, or the CPU and its torch threads), torch version; method, data backend (cpu: DataLoader
+- date, device (GPU name, or the CPU model, the ISA oneDNN ran, 'forced' under ONEDNN_MAX_CPU_ISA, and its torch
+  threads), torch version; method, data backend (cpu: DataLoader
   workers; gpu: on-device augmentation), compile (trainer.compile), dataset, backbone width, per-device batch.
 - pairs/s: augmented image pairs trained per second by the bare step (training_step + backward + LARS), timed
   over `steps` steps after `warmup` untimed ones, the device synchronised before each clock read.
@@ -126,13 +128,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model with the ISA oneDNN ran (a forced one marked) and the torch threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-    return f"{cpu} ({torch.get_num_threads()} torch threads)"
+    forced = " forced" if os.environ.get("ONEDNN_MAX_CPU_ISA") else ""
+    return f"{machine.cpu_model()} ({machine.short_isa()}{forced}, {torch.get_num_threads()} torch threads)"
 
 
 def precision_kind(precision: str) -> str:
@@ -306,6 +306,7 @@ def bench(cfg: DictConfig, options: dict[str, str], profile: bool) -> dict[str, 
         "batch_size": batch,
         "precision": precision,
         "device": device_name(device),
+        "machine": machine.describe() if device.type == "cpu" else None,
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "steps": steps,

@@ -38,22 +38,23 @@ def child(code: str, timeout: float, env: dict[str, str] | None = None) -> subpr
 
 
 def test_shortcut_conv_equals_the_strided_conv_it_replaces():
+    """Values and gradients of the strided 1x1 convolution, against a float64 reference (which oneDNN does not
+    run: the float32 channels_last one is the very kernel that crashes under AVX2)."""
     torch.manual_seed(0)
     for channels_last in (False, True):
         for c_in, size in ((4, 34), (6, 17), (8, 16)):
-            plain = nn.Conv2d(c_in, 2 * c_in, 1, 2, bias=False)
+            reference = nn.Conv2d(c_in, 2 * c_in, 1, 2, bias=False).double()
             routed = ShortcutConv(c_in, 2 * c_in, 1, 2, bias=False)
-            routed.load_state_dict(plain.state_dict())
+            routed.load_state_dict(reference.state_dict())
             x = torch.randn(3, c_in, size, size)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-            ya, yb = plain(xa), routed(xb)
-            torch.testing.assert_close(yb, ya)
+            xa = x.double().requires_grad_()
+            xb = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+            ya, yb = reference(xa), routed(xb)
+            torch.testing.assert_close(yb, ya.float())
             ya.square().sum().backward()
             yb.square().sum().backward()
-            torch.testing.assert_close(xb.grad, xa.grad)
-            torch.testing.assert_close(routed.weight.grad, plain.weight.grad)
+            torch.testing.assert_close(xb.grad, xa.grad.float())
+            torch.testing.assert_close(routed.weight.grad, reference.weight.grad.float())
 
 
 def test_the_strided_1x1_weight_gradient_survives_avx2():

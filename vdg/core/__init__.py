@@ -1,0 +1,1 @@
+"""The bottom layer: plumbing that every other layer may use and that imports nothing from vdg."""
