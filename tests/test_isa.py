@@ -142,6 +142,7 @@ def start(body: str, grace: float) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", GUARDED.format(grace=grace, body=body)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # let it reach the blocking call: a signal before it is handled in Python (acknowledged)
     return proc
 
 
