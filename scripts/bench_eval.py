@@ -41,7 +41,7 @@ from vdg.eval.features import channels_last, eval_mode  # noqa: E402
 from vdg.eval.linear import train_linear_runs  # noqa: E402
 from vdg.eval.protocols import Evaluation, linear_protocol  # noqa: E402
 from vdg.eval.views import EpochFeatures  # noqa: E402
-from vdg.run.cli import USER_ERRORS, split_options  # noqa: E402
+from vdg.run.cli import USER_ERRORS, exit_with, split_options  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 OPTIONS = {"bench_epochs": "3", "repeats": "3"}
@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
         linear = linear_epochs(evaluation, int(options["bench_epochs"]))
         bench_s = time.perf_counter() - start
     except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+        exit_with(err)
     branches = len(evaluation.branches)
     bare_rate = bare["images"] * branches / bare["wall_s"]
     linear_rate = linear["images"] * branches / linear["wall_s"]

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vdg.deploy.bench import append_row, run_benchmark
-from vdg.run.cli import USER_ERRORS, quote_path_values
+from vdg.run.cli import USER_ERRORS, exit_with, quote_path_values
 
 
 @hydra.main(config_path="../configs", config_name="bench_inference", version_base="1.3")
@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
     try:
         result = run_benchmark(cfg)
     except (*USER_ERRORS, ValueError) as err:
-        sys.exit(f"error: {err}")
+        exit_with(err)
     if cfg.results:
         result["results"] = str(append_row(result, cfg.results))
     print(json.dumps(result))

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vdg.deploy.export import check_export_config, export_backbone
-from vdg.run.cli import USER_ERRORS, quote_path_values
+from vdg.run.cli import USER_ERRORS, exit_with, quote_path_values
 
 
 @hydra.main(config_path="../configs", config_name="export", version_base="1.3")
@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
             data=OmegaConf.to_container(cfg.data, resolve=True),
         )
     except (*USER_ERRORS, FileExistsError, ValueError) as err:
-        sys.exit(f"error: {err}")
+        exit_with(err)
     print(json.dumps({key: str(path) for key, path in paths.items()}, indent=2))
 
 

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vdg.report.flops import flops_summary
-from vdg.run.cli import USER_ERRORS, quote_path_values
+from vdg.run.cli import USER_ERRORS, exit_with, quote_path_values
 
 
 @hydra.main(config_path="../configs", config_name="flops", version_base="1.3")
@@ -20,7 +20,7 @@ def main(cfg: DictConfig) -> None:
     try:
         summary = flops_summary(cfg)
     except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+        exit_with(err)
     print(json.dumps(summary))
 
 

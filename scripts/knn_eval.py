@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from vdg.eval.protocols import evaluate
 from vdg.eval.summary import summary_lines
-from vdg.run.cli import USER_ERRORS, quote_path_values
+from vdg.run.cli import USER_ERRORS, exit_with, quote_path_values
 
 
 @hydra.main(config_path="../configs", config_name="knn_eval", version_base="1.3")
@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
     try:
         result = evaluate(cfg)
     except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+        exit_with(err)
     if cfg.json:  # the records, one JSON list, for scripts and jq
         print(json.dumps(result.records, indent=2))
     else:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from vdg.eval.protocols import evaluate  # noqa: E402
 from vdg.eval.summary import summary_lines  # noqa: E402
-from vdg.run.cli import USER_ERRORS, quote_path_values  # noqa: E402
+from vdg.run.cli import USER_ERRORS, exit_with, quote_path_values  # noqa: E402
 
 
 @hydra.main(config_path="../configs", config_name="linear_eval", version_base="1.3")
@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     try:
         result = evaluate(cfg)
     except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+        exit_with(err)
     if cfg.json:  # the records, one JSON list, for scripts and jq
         print(json.dumps(result.records, indent=2))
     else:

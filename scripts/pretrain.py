@@ -146,7 +146,8 @@ def main(cfg: DictConfig) -> None:
                   "file you supply: see the sweep's config)", file=sys.stderr, flush=True)
         return
     # imported here: a dry run lists a sweep without loading torch
-    from vdg.run.cli import USER_ERRORS, Interrupted
+    from vdg.core.errors import Interrupted
+    from vdg.run.cli import USER_ERRORS, exit_with
     from vdg.run.driver import describe_summary, pretrain
     from vdg.run.logging import quiet_known_warnings
 
@@ -158,7 +159,7 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(130)
     except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+        exit_with(err)
     except KeyboardInterrupt:  # between the driver's own handlers (e.g. while the lock is released)
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from vdg.eval.summary import display_path
 from vdg.report.umap import umap_plot
-from vdg.run.cli import USER_ERRORS, quote_path_values
+from vdg.run.cli import USER_ERRORS, exit_with, quote_path_values
 
 
 @hydra.main(config_path="../configs", config_name="umap", version_base="1.3")
@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> None:
     try:
         summary = umap_plot(cfg)
     except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+        exit_with(err)
     if cfg.json:  # the summary as one JSON object, for scripts
         print(json.dumps(summary, indent=2))
     else:

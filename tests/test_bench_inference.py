@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vdg.core.errors import ConfigError
 from vdg.deploy import native
 from vdg.deploy.bench import (
     EXECUTIONS,
@@ -22,7 +23,6 @@ from vdg.deploy.bench import (
     measure,
 )
 from vdg.report.flops import flops_summary
-from vdg.run.config import ConfigError
 
 from .conftest import compose_config
 from .test_export import write_checkpoint

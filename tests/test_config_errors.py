@@ -8,11 +8,10 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 
-from vdg.data.datasets import DatasetError
+from vdg.core.errors import ConfigError, DatasetError, RunDirError
 from vdg.run.cli import quote_path_values
-from vdg.run.config import ConfigError, validate_pretrain_config
+from vdg.run.config import validate_pretrain_config
 from vdg.run.driver import prepare, pretrain
-from vdg.run.rundir import RunDirError
 
 from .conftest import TINY, compose_config
 

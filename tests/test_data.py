@@ -19,9 +19,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from vdg.core.errors import ConfigError
 from vdg.data import datasets as D
 from vdg.data.module import PretrainDataModule, eval_loader, view_recipes
-from vdg.run.config import ConfigError, validate_pretrain_config
+from vdg.run.config import validate_pretrain_config
 
 from .conftest import compose_config
 

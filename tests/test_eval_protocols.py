@@ -20,6 +20,7 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from vdg.core.errors import CheckpointError, ConfigError
 from vdg.data.module import eval_loader
 from vdg.eval.api import eval_config, evaluate_checkpoint
 from vdg.eval.features import extract_features
@@ -31,8 +32,7 @@ from vdg.methods import build_method
 from vdg.report.paper_results import CellKey
 from vdg.report.tables import build_table, load_results, record_key
 from vdg.report.umap import exact_knn, spread_subset
-from vdg.run.checkpoint import CheckpointError, load_method
-from vdg.run.config import ConfigError
+from vdg.run.checkpoint import load_method
 from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config

@@ -13,10 +13,11 @@ import torch
 from safetensors import safe_open
 
 import vdg
+from vdg.core.errors import CheckpointError
 from vdg.deploy.export import BranchBackbone, branch_encoder, export_backbone, export_name, load_backbone
 from vdg.methods import build_method
 from vdg.models import Branch, GatedResNet
-from vdg.run.checkpoint import CheckpointError, load_method
+from vdg.run.checkpoint import load_method
 from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config

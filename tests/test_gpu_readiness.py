@@ -19,12 +19,12 @@ from torch import nn
 
 import vdg.eval.features as eval_features
 import vdg.eval.knn as eval_knn
+from vdg.core.errors import ConfigError
 from vdg.data.gpu_module import free_device_memory
 from vdg.eval.api import evaluate_checkpoint
 from vdg.eval.features import Features
 from vdg.methods import build_method
 from vdg.run.callbacks import RNGState, capture_rng_state
-from vdg.run.config import ConfigError
 from vdg.run.driver import final_knn, pretrain, trainer_kwargs
 
 from .conftest import TINY, compose_config

@@ -16,7 +16,7 @@ from pytorch_lightning.callbacks import RichProgressBar
 from torch import nn
 
 import vdg.run.logging as vdg_logging
-from vdg.run.config import ConfigError
+from vdg.core.errors import ConfigError
 from vdg.run.logging import (
     WANDB_ID_FILE,
     FinishingWandbLogger,

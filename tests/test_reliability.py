@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from vdg.core.errors import CheckpointError, NonFiniteLossError, RunDirError
 from vdg.methods.vdg import VDG
-from vdg.run.callbacks import NonFiniteLossError
-from vdg.run.checkpoint import CheckpointError, load_method, read_checkpoint
+from vdg.run.checkpoint import load_method, read_checkpoint
 from vdg.run.driver import pretrain
-from vdg.run.rundir import LOCK_NAME, RunDirError, RunDirLock
+from vdg.run.rundir import LOCK_NAME, RunDirLock
 
 from .conftest import TINY, compose_config
 
@@ -154,7 +154,7 @@ def test_a_refused_rerun_leaves_the_run_directory_unchanged(tmp_path):
     pretrain(compose_config([*RUN, f"run_dir={run_dir}", "trainer.max_epochs=1"]))
     before = snapshot(run_dir)
     refused = run_script(run_dir, extra=("trainer.max_epochs=1", "budget=0.5"))
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("error: refusing to resume"), refused.stderr[-2000:]
     assert snapshot(run_dir) == before
     invalid = run_script(tmp_path / "new" / "run", extra=("budget=2",), cwd=tmp_path)  # fails validation
@@ -334,7 +334,8 @@ def folder_cfg(root: Path, *extra: str):
 
 def test_splits_of_a_folder_share_one_class_list(tmp_path):
     """Labels used to be numbered per split: with one class missing from test/, every later label shifted."""
-    from vdg.data.datasets import DatasetError, build_dataset
+    from vdg.core.errors import DatasetError
+    from vdg.data.datasets import build_dataset
 
     root = image_folder(tmp_path, {"train": {"a": 2, "b": 2, "c": 2}, "test": {"a": 1, "c": 1}})
     cfg = folder_cfg(root)
@@ -347,7 +348,8 @@ def test_splits_of_a_folder_share_one_class_list(tmp_path):
 
 
 def test_folder_class_count_hidden_folders_stray_and_dangling_files(tmp_path):
-    from vdg.data.datasets import DatasetError, build_dataset
+    from vdg.core.errors import DatasetError
+    from vdg.data.datasets import build_dataset
 
     root = image_folder(tmp_path, {"train": {"a": 2, "b": 2, "c": 2}, "test": {"a": 1, "b": 1, "c": 1}})
     with pytest.raises(DatasetError, match=r"train/ has 3 class folders \(\['a', 'b', 'c'\]\) "
@@ -372,7 +374,8 @@ def test_images_of_every_mode_decode_to_the_right_rgb_or_are_refused(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from vdg.data.datasets import ImageFolderDataset, ImageReadError
+    from vdg.core.errors import ImageReadError
+    from vdg.data.datasets import ImageFolderDataset
 
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     cases = {
@@ -400,7 +403,8 @@ def test_images_of_every_mode_decode_to_the_right_rgb_or_are_refused(tmp_path):
 def test_a_corrupt_image_read_in_a_worker_is_one_line_naming_the_file(tmp_path):
     from torch.utils.data import DataLoader
 
-    from vdg.data.datasets import ImageFolderDataset, ImageReadError
+    from vdg.core.errors import ImageReadError
+    from vdg.data.datasets import ImageFolderDataset
 
     root = image_folder(tmp_path, {"train": {"a": 2}})
     bad = root / "train" / "a" / "1.png"
@@ -452,8 +456,9 @@ class _LimitedFile:
 
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
     """torch.save used to report ENOSPC as 'enforce fail at inline_container.cc: unexpected pos ...'."""
+    from vdg.core.errors import StorageError
     from vdg.run import checkpoint_io
-    from vdg.run.checkpoint_io import AtomicCheckpointIO, StorageError
+    from vdg.run.checkpoint_io import AtomicCheckpointIO
 
     target = tmp_path / "last.ckpt"
     target.write_bytes(b"the previous checkpoint")
@@ -536,7 +541,8 @@ def test_without_fcntl_locks_an_earlier_attempt_of_a_requeued_slurm_job_is_taken
 
 
 def test_nested_images_symlink_loops_image_size_and_a_corrupt_decode_cache(tmp_path):
-    from vdg.data.datasets import DatasetError, ImageFolderDataset, decode_folder
+    from vdg.core.errors import DatasetError
+    from vdg.data.datasets import ImageFolderDataset, decode_folder
     from vdg.run.driver import prepare
 
     root = image_folder(tmp_path / "data", {"train": {"a": 2, "b": 2, "c": 2}, "test": {"a": 1, "b": 1, "c": 1}})

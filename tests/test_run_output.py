@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vdg.core.errors import CheckpointError
 from vdg.methods import build_method
 from vdg.methods.base import online_probe
-from vdg.run.checkpoint import CheckpointError
 from vdg.run.driver import describe_summary, pretrain
 
 from .conftest import TINY, compose_config

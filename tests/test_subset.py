@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from vdg.core.errors import CheckpointError, ConfigError
 from vdg.data.datasets import (
     ImageFolderDataset,
     TensorImageDataset,
@@ -17,8 +18,7 @@ from vdg.data.datasets import (
     class_balanced_indices,
     decode_cache_path,
 )
-from vdg.run.checkpoint import CheckpointError
-from vdg.run.config import ConfigError, validate_pretrain_config
+from vdg.run.config import validate_pretrain_config
 from vdg.run.driver import pretrain
 
 from .conftest import compose_config

@@ -1,14 +1,7 @@
 """Data: datasets, per-view augmentation recipes and pipelines (CPU and GPU backends), the pretraining module."""
 
-from vdg.data.datasets import (
-    DATASETS,
-    DataNotFoundError,
-    ImageFolderDataset,
-    TensorImageDataset,
-    build_dataset,
-    decode_folder,
-    disk_split,
-)
+from vdg.core.errors import DataNotFoundError
+from vdg.data.datasets import DATASETS, ImageFolderDataset, TensorImageDataset, build_dataset, decode_folder, disk_split
 from vdg.data.gpu_module import BACKENDS, DeviceBatchLoader, resolve_backend
 from vdg.data.module import PretrainDataModule, eval_loader
 from vdg.data.recipes import ViewRecipe

@@ -10,7 +10,6 @@ import copy
 import hashlib
 import math
 import os
-import re
 import warnings
 from collections.abc import Callable
 from importlib import resources
@@ -22,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from vdg.core.errors import DataNotFoundError, DatasetError, ImageReadError
+
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet100", "folder", "digits", "synthetic")
 # The roles a caller asks `build_dataset` for; which split on disk each role is depends on the dataset.
 SPLITS = ("pretrain", "train", "test")
@@ -30,29 +31,6 @@ PRETRAIN_SPLITS: dict[str, tuple[str, ...]] = {"stl10": ("unlabeled", "train+unl
 DEFAULT_PRETRAIN_SPLITS = ("train",)
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 STL10_SIZE = 96
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The data a config asks for is not on disk (and could not be downloaded)."""
-
-
-class DatasetError(ValueError):
-    """The data on disk contradicts the config or itself (class lists, class count, stray or dangling files)."""
-
-
-class ImageReadError(OSError):
-    """An image file cannot be decoded correctly; the message names the file and what is wrong with it.
-
-    Raised inside a DataLoader worker, it reaches the main process rebuilt from the worker's formatted
-    traceback: the constructor keeps only the original one-line message, so scripts can print it as it is.
-    """
-
-    def __init__(self, *args: Any) -> None:
-        if len(args) == 1 and isinstance(args[0], str) and "Original Traceback" in args[0]:
-            last = args[0].strip().splitlines()[-1]
-            match = re.match(r"^[\w.]*ImageReadError: (.*)$", last)
-            args = (f"{match.group(1) if match else last} (in a DataLoader worker)",)
-        super().__init__(*args)
 
 
 class TensorImageDataset(Dataset):

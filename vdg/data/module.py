@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from vdg.data.datasets import DatasetError, ImageFolderDataset, TensorImageDataset, build_dataset, decode_folder
+from vdg.core.errors import DatasetError
+from vdg.data.datasets import ImageFolderDataset, TensorImageDataset, build_dataset, decode_folder
 from vdg.data.gpu_augment import GPUMultiViewAugment
 from vdg.data.gpu_module import DeviceBatchLoader, resolve_backend
 from vdg.data.recipes import ViewRecipe

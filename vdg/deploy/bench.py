@@ -463,17 +463,10 @@ def check_bench_config(cfg: Any) -> None:
     does for pretraining)."""
     from omegaconf import OmegaConf
 
+    from vdg.core.errors import ConfigError
     from vdg.data.datasets import SPLITS
     from vdg.models.resnet import STEMS
-    from vdg.run.config import (
-        CONFIG_DIR,
-        ConfigError,
-        check_choice,
-        check_int,
-        check_known_keys,
-        check_number,
-        check_str,
-    )
+    from vdg.run.config import CONFIG_DIR, check_choice, check_int, check_known_keys, check_number, check_str
 
     config = CONFIG_DIR / "bench_inference.yaml"
     if config.is_file():
@@ -569,8 +562,8 @@ def calibrated_setup_from_config(cfg: Any) -> BenchSetup:
     """`calibrated_setup` from the `model:` and `calibration:` blocks of configs/bench_inference.yaml."""
     from omegaconf import OmegaConf
 
+    from vdg.core.errors import ConfigError
     from vdg.deploy.slim import ChannelProfile
-    from vdg.run.config import ConfigError
 
     model, calibration = cfg.model, cfg.calibration
     if calibration.profile is not None:

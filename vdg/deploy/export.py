@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vdg.core.errors import CheckpointError
 from vdg.deploy.sparse import FoldedResNet
 from vdg.models import BackboneOutput, Branch, GatedResNet
-from vdg.run.checkpoint import CheckpointError, load_method, read_checkpoint, require_branch
+from vdg.run.checkpoint import load_method, read_checkpoint, require_branch
 from vdg.run.config import check_bool, check_choice
 
 EXPORT_FORMAT = "vdg-backbone"
@@ -247,7 +248,8 @@ def check_export_config(cfg: Any) -> None:
     types and values are one `ConfigError` line naming the key and the allowed values."""
     from omegaconf import OmegaConf
 
-    from vdg.run.config import CONFIG_DIR, ConfigError, check_data_overrides, check_known_keys, check_str
+    from vdg.core.errors import ConfigError
+    from vdg.run.config import CONFIG_DIR, check_data_overrides, check_known_keys, check_str
 
     for key, what in (("ckpt", "ckpt=PATH: the pretraining checkpoint"), ("branch", "branch=dense|gated")):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:

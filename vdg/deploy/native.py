@@ -34,12 +34,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vdg.core.errors import VdgError
+
 SOURCE = Path(__file__).with_name("csrc") / "sparse_block.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 VERSION = 6  # vdg_sparse_kernel_version() of the source this module speaks to
 
 
-class NativeKernelError(RuntimeError):
+class NativeKernelError(VdgError, RuntimeError):
     """The compiled kernel cannot be built or loaded here; the message says why and what to do."""
 
 

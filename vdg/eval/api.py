@@ -17,8 +17,8 @@ from hydra.core.singleton import Singleton
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
+from vdg.core.errors import ConfigError
 from vdg.eval.protocols import CONFIG_DIR, PROTOCOLS, run_evaluation
-from vdg.run.config import ConfigError
 
 CONFIG_NAMES = {"linear": "linear_eval", "transfer": "linear_eval", "knn": "knn_eval"}
 

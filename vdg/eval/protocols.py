@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from vdg.core.errors import CheckpointError, ConfigError
 from vdg.data.datasets import build_dataset
 from vdg.data.module import eval_loader
 from vdg.eval.features import Features, channels_last, eval_mode, extract_branches, extract_features, gate_report
@@ -31,8 +32,7 @@ from vdg.eval.views import (
     choose_backend,
 )
 from vdg.models import Branch, GatedResNet, network_cost
-from vdg.run.checkpoint import CheckpointError, load_method, require_branch
-from vdg.run.config import ConfigError
+from vdg.run.checkpoint import load_method, require_branch
 
 log = logging.getLogger(__name__)
 
@@ -530,7 +530,7 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
     The caller's CPU RNG is left as it was (building the model and iterating data loaders draw from it); the
     GPU RNGs are never drawn from (the views have their own generators).
     """
-    from vdg.run.cli import Interrupted
+    from vdg.core.errors import Interrupted
 
     try:
         with torch.random.fork_rng(devices=[]):

@@ -184,7 +184,7 @@ class BaseMethod(pl.LightningModule):
         saved = {k for k in checkpoint.get("state_dict", {}) if k.startswith("probes.")}
         expected = {f"probes.{k}" for k in self.probes.state_dict()}
         if saved and saved != expected:
-            from vdg.run.checkpoint import CheckpointError  # the run layer imports methods, not the reverse
+            from vdg.core.errors import CheckpointError  # the run layer imports methods, not the reverse
 
             batchnorm = any(".running_mean" in k for k in saved)
             raise CheckpointError(

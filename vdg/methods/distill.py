@@ -19,9 +19,10 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from vdg.core.errors import TeacherError
 from vdg.methods.base import BaseMethod
 from vdg.models import Branch
-from vdg.models.teachers import TEACHER_OUTPUTS, Teacher, TeacherError, load_teacher
+from vdg.models.teachers import TEACHER_OUTPUTS, Teacher, load_teacher
 
 CHECKPOINT_KEY = "vdg_teacher"  # the teacher record in a student's checkpoint
 
@@ -154,7 +155,7 @@ class DistillMethod(BaseMethod):
         checkpoint[CHECKPOINT_KEY] = self.teacher_record()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from vdg.run.checkpoint import CheckpointError
+        from vdg.core.errors import CheckpointError
 
         recorded = checkpoint.get(CHECKPOINT_KEY) or {}
         current = self.cfg.teacher.get("sha256")

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vdg.core.errors import TeacherError
+
 TEACHER_FORMATS = ("vdg_checkpoint", "vdg_export", "solo_learn", "moco", "torchvision")
 TEACHER_OUTPUTS = ("features", "embedding")
 # torchvision's and the MoCo authors' input normalisation (ImageNet statistics)
@@ -41,10 +43,6 @@ _RESNETS = {
     ("bottleneck", (3, 4, 23, 3)): "resnet101",
     ("bottleneck", (3, 8, 36, 3)): "resnet152",
 }
-
-
-class TeacherError(ValueError):
-    """A teacher file is missing, unreadable, of an unknown or unexpected format, or does not fit its network."""
 
 
 @dataclass(frozen=True)
@@ -290,8 +288,9 @@ def _stats(values: Any) -> tuple[float, ...] | None:
 
 # ----- one loader per format ---------------------------------------------------------------------------------
 def _vdg_checkpoint(path: Path, branch: str) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
+    from vdg.core.errors import CheckpointError
     from vdg.deploy.export import BranchBackbone, branch_encoder
-    from vdg.run.checkpoint import CheckpointError, load_method, require_branch
+    from vdg.run.checkpoint import load_method, require_branch
 
     try:
         model = load_method(path)

@@ -68,7 +68,7 @@ def check_flops_config(cfg: DictConfig) -> None:
 def flops_summary(cfg: DictConfig) -> dict[str, Any]:
     check_flops_config(cfg)
     if cfg.get("latency", False) and cfg.get("ckpt") is None:
-        from vdg.run.config import ConfigError
+        from vdg.core.errors import ConfigError
 
         raise ConfigError("latency=true needs ckpt=PATH: it times the checkpoint's gated network on its own masks")
     if cfg.get("ckpt") is None:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from vdg.core.errors import ConfigError
 from vdg.data.module import eval_loader
 from vdg.eval.features import extract_features
 from vdg.eval.protocols import (
@@ -30,7 +31,6 @@ from vdg.eval.protocols import (
 )
 from vdg.eval.results import results_dir
 from vdg.report.plots import plot_embeddings
-from vdg.run.config import ConfigError
 
 
 def exact_knn(features: Tensor, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:

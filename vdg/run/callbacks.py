@@ -16,6 +16,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from vdg.core.errors import NonFiniteLossError
 from vdg.losses.distributed import gather_objects
 
 
@@ -153,10 +154,6 @@ class RNGState(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pending = None
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training stopped because a loss term became NaN or Inf."""
 
 
 class NonFiniteGuard(pl.Callback):

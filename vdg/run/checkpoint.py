@@ -12,11 +12,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vdg.core.errors import CheckpointError
 from vdg.models import Branch
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, unsafe, or belongs to another method or architecture."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

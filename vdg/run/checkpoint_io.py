@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from vdg.core.errors import StorageError
+
 FAULT_ENV = "VDG_FAULT_KILL_IN_SAVE"
 TEMP_PATTERN = re.compile(r"\.tmp-(?P<pid>\d+)(?:-(?P<host>.+))?$")
 # errno values that mean "this storage cannot take the write" rather than a bug
@@ -31,11 +33,6 @@ STORAGE_ERRNOS = {
     errno.EPERM: "operation not permitted",
     errno.EFBIG: "file too large for this file system",
 }
-
-
-class StorageError(OSError):
-    """A record could not be written (full disk, quota, read-only file system, permissions); the previous
-    version of the file, if any, is intact."""
 
 
 def host_name() -> str:

@@ -8,33 +8,37 @@ No science and no config defaults here; each script keeps its own options. Impor
 from __future__ import annotations
 
 import re
-from typing import Any
+import sys
+from typing import Any, NoReturn
+
+from vdg.core.errors import VdgError
+
+USER_ERROR_STATUS = 2
 
 # Config keys whose values are file-system paths: a path may contain '=' (old `epoch=0009.ckpt` checkpoints,
 # run directories named `td=0.3`), which Hydra's override grammar only takes quoted.
 PATH_KEYS = ("ckpt", "run_dir", "data.root", "data.cache_dir", "results_dir", "out_dir", "output")
 
 
-class Interrupted(RuntimeError):
-    """A command stopped by SIGINT or SIGTERM; the message says what is complete and how to carry on."""
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input (config, data, checkpoint, storage) or a stopped run: scripts print
-    `error: <message>` and exit 1 instead of a traceback."""
+    `error: <message>` and exit 2 (`exit_with`) instead of a traceback. Every vdg one is a `VdgError`; Lightning
+    reports a Trainer setting the machine cannot honour (e.g. `trainer.accelerator=gpu` without one) as a
+    MisconfigurationException."""
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-    from vdg.data.datasets import DataNotFoundError, DatasetError, ImageReadError
-    from vdg.deploy.native import NativeKernelError
-    from vdg.models.teachers import TeacherError
-    from vdg.run.callbacks import NonFiniteLossError
-    from vdg.run.checkpoint import CheckpointError
-    from vdg.run.checkpoint_io import StorageError
-    from vdg.run.config import ConfigError
-    from vdg.run.rundir import RunDirError
+    return (VdgError, MisconfigurationException)
 
-    return (CheckpointError, ConfigError, DataNotFoundError, DatasetError, ImageReadError, NonFiniteLossError,
-            RunDirError, StorageError, TeacherError, MisconfigurationException, Interrupted, NativeKernelError)
+
+def exit_with(err: BaseException) -> NoReturn:
+    """A user error as one `error: <message>` line on stderr, exit status 2 (a usage error, as argparse's).
+
+    The SystemExit keeps the line as its message (what callers and tests see) and 2 as its exit code."""
+    line = f"error: {err}"
+    print(line, file=sys.stderr, flush=True)
+    stop = SystemExit(line)
+    stop.code = USER_ERROR_STATUS
+    raise stop
 
 
 def __getattr__(name: str) -> Any:
@@ -60,7 +64,7 @@ def quote_path_values(argv: list[str], keys: tuple[str, ...] = PATH_KEYS) -> lis
 
 def int_option(options: dict[str, str], key: str, low: int = 0) -> int:
     """A script option that must be an integer >= low (`steps=abc` is one clear line, not a traceback)."""
-    from vdg.run.config import ConfigError
+    from vdg.core.errors import ConfigError
 
     value = options[key]
     if not re.fullmatch(r"[+-]?\d+", value.strip()) or int(value) < low:
@@ -76,7 +80,7 @@ def exit_on_user_error(main: Any, *args: Any) -> Any:
     try:
         return main(*args)
     except (*user_errors(), HydraException) as err:
-        raise SystemExit(f"error: {err}") from None
+        exit_with(err)
 
 
 def split_options(argv: list[str], defaults: dict[str, str]) -> tuple[dict[str, str], list[str]]:

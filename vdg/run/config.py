@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from vdg.core.errors import ConfigError
 from vdg.data.datasets import DATASETS
 from vdg.data.gpu_module import BACKENDS
 from vdg.models.resnet import BN_SPLITS, STEMS
@@ -29,10 +30,6 @@ PRECISIONS = ("auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "
               "64", "transformer-engine", "transformer-engine-float16")
 # trainer keys vdg passes itself: setting them in trainer: would clash with the run directory's own
 RESERVED_TRAINER_KEYS = ("callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing")
-
-
-class ConfigError(ValueError):
-    """A config value is outside what vdg accepts; the message names the key and the allowed values."""
 
 
 def _require(condition: bool, message: str) -> None:

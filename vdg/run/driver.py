@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities import rank_zero_only
 
+from vdg.core.errors import ConfigError, Interrupted, StorageError
 from vdg.data import PretrainDataModule
 from vdg.data.datasets import build_dataset
 from vdg.data.module import eval_loader
@@ -29,9 +30,8 @@ from vdg.methods import METHODS, BaseMethod, build_method
 from vdg.methods.base import sync_batchnorm_scope
 from vdg.models import Branch
 from vdg.run.callbacks import FAULT_ENV, EpochTimer, FaultInjection, NonFiniteGuard, RNGState
-from vdg.run.checkpoint_io import AtomicCheckpointIO, StorageError, atomic_write_text, remove_orphans, storage_error
-from vdg.run.cli import Interrupted
-from vdg.run.config import ConfigError, validate_pretrain_config
+from vdg.run.checkpoint_io import AtomicCheckpointIO, atomic_write_text, remove_orphans, storage_error
+from vdg.run.config import validate_pretrain_config
 from vdg.run.hardstop import hard_stop
 from vdg.run.logging import build_loggers, check_logger
 from vdg.run.progress import progress_callbacks

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 
-from vdg.run.config import ConfigError
+from vdg.core.errors import ConfigError
 
 PROGRESS_MODES = ("auto", "rich", "plain", "none")
 # what the epoch lines show besides the loss, when the run logs them

@@ -17,8 +17,8 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from vdg.run.checkpoint import CheckpointError, config_differences, read_checkpoint
-from vdg.run.config import ConfigError
+from vdg.core.errors import CheckpointError, ConfigError
+from vdg.run.checkpoint import config_differences, read_checkpoint
 
 # Keys of the learning-rate schedule: with resume=auto they must match the checkpoint's (extend may change
 # trainer.max_epochs only).

@@ -21,15 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vdg.core.errors import RunDirError
 from vdg.run.checkpoint_io import host_name, pid_alive, storage_error
 
 LOCK_NAME = ".vdg.lock"
 # fcntl lock calls on file systems that do not implement them fail with one of these
 NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used: another process holds it, or it is not a writable folder."""
 
 
 def _process_start(pid: int) -> str | None:

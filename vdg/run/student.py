@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from vdg.run.config import ConfigError
+from vdg.core.errors import ConfigError
 
 CACHE_NAME = "student_widths.json"  # in run_dir: a resumed run does not measure the policy again
 
@@ -24,9 +24,10 @@ def policy_widths(ckpt: str | Path, data: dict[str, Any]) -> dict[str, Any]:
 
     Returns {"channels_from", "sha256", "budget", "width", "stem", "widths", "mean_active", "samples"}.
     """
+    from vdg.core.errors import CheckpointError
     from vdg.deploy.slim import checkpoint_profile, slim_widths
     from vdg.models.teachers import file_sha256
-    from vdg.run.checkpoint import CheckpointError, read_checkpoint
+    from vdg.run.checkpoint import read_checkpoint
 
     path = Path(ckpt).expanduser().resolve()
     saved = read_checkpoint(path)["hyper_parameters"]["cfg"]

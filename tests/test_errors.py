@@ -1,0 +1,65 @@
+"""One base for user errors: every error class vdg defines is a `VdgError`, the scripts report any of them as one
+`error:` line with exit status 2, and `vdg.core` imports nothing from the rest of vdg (it is the bottom layer)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vdg.core.errors import VdgError
+from vdg.run.cli import USER_ERROR_STATUS, exit_with, user_errors
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "vdg"
+
+
+def defined_error_classes() -> list[tuple[str, str]]:
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name.endswith(("Error", "Interrupted")):
+                found.append((module, node.name))
+    return found
+
+
+def test_every_error_class_of_vdg_is_a_vdg_error():
+    classes = defined_error_classes()
+    assert len(classes) >= 12  # the AST walk found them (ConfigError, CheckpointError, NativeKernelError, ...)
+    for module, name in classes:
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, VdgError), f"{module}.{name} is not a VdgError: scripts would show a traceback"
+    assert VdgError in user_errors()
+
+
+def test_the_bottom_layer_imports_nothing_from_vdg():
+    for path in (PACKAGE / "core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("vdg")):
+                pytest.fail(f"{path.relative_to(ROOT)} imports {node.module} (vdg.core is the bottom layer)")
+            if isinstance(node, ast.Import) and any(a.name.startswith("vdg") for a in node.names):
+                pytest.fail(f"{path.relative_to(ROOT)} imports vdg (vdg.core is the bottom layer)")
+
+
+def test_exit_with_prints_one_line_and_exits_2(capsys):
+    from vdg.core.errors import ConfigError
+
+    with pytest.raises(SystemExit) as stop:
+        exit_with(ConfigError("budget=2.0 must be in (0, 1]"))
+    assert stop.value.code == USER_ERROR_STATUS == 2
+    assert str(stop.value) == "error: budget=2.0 must be in (0, 1]"
+    assert capsys.readouterr().err == "error: budget=2.0 must be in (0, 1]\n"
+
+
+def test_a_script_reports_a_user_error_in_one_line_with_status_2(tmp_path):
+    missing = tmp_path / "none.ckpt"
+    result = subprocess.run([sys.executable, "scripts/knn_eval.py", f"ckpt={missing}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: checkpoint not found") and "Traceback" not in result.stderr
