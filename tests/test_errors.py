@@ -63,3 +63,16 @@ def test_a_script_reports_a_user_error_in_one_line_with_status_2(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: checkpoint not found") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("change", ["dataset.num_classes=5", "probe.batchnorm=false", "method.projector_output_dim=16",
+                                    "backbone.width=8"])
+def test_resume_names_every_key_that_fixes_a_tensor_shape_before_loading(tiny_cfg, change):
+    from vdg.core.errors import CheckpointError
+    from vdg.run.driver import pretrain
+
+    quick = ("trainer.limit_train_batches=1", "final_knn.enabled=false")
+    pretrain(tiny_cfg(*quick))
+    key = change.split("=")[0]
+    with pytest.raises(CheckpointError, match=rf"refusing to resume .*{key.replace('.', r'[.]')}"):
+        pretrain(tiny_cfg(*quick, "trainer.max_epochs=2", "resume=extend", change))

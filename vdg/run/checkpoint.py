@@ -87,9 +87,13 @@ def require_branch(model: Any, branch: str | Branch) -> Branch:
 
 # Keys of the pretraining config that define what a run *is*: resuming with any of them changed would silently
 # mix two experiments, so `resume=auto` refuses. Everything else (epochs, workers, logging...) may change.
+# Every key that fixes a tensor's shape is here (the class count and probe layout set the online probes'; backbone
+# and method the encoder's and projector's; student the widths it resolves to), so a changed one is named before
+# any state is loaded, never found by load_state_dict.
 RESUME_MUST_MATCH = ("method", "budget", "dataset.name", "dataset.image_size", "dataset.stem", "data.batch_size",
-                     "dataset.subset_per_class", "dataset.test_subset_per_class", "dataset.subset_seed",
-                     "backbone", "gating", "seed", "teacher.sha256", "teacher.format", "teacher.branch")
+                     "dataset.num_classes", "dataset.subset_per_class", "dataset.test_subset_per_class",
+                     "dataset.subset_seed", "backbone", "gating", "probe.enabled", "probe.batchnorm",
+                     "student.channels_from", "seed", "teacher.sha256", "teacher.format", "teacher.branch")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
