@@ -16,10 +16,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vdg.deploy.export import check_export_config, export_backbone
-from vdg.run.cli import USER_ERRORS, exit_with, quote_path_values
+from vdg.run.cli import USER_ERRORS, command_line, exit_with, report_user_errors
 
 
 @hydra.main(config_path="../configs", config_name="export", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     try:
         check_export_config(cfg)
@@ -41,5 +42,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *quote_path_values(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
     main()

@@ -12,18 +12,16 @@ import hydra
 from omegaconf import DictConfig
 
 from vdg.report.flops import flops_summary
-from vdg.run.cli import USER_ERRORS, exit_with, quote_path_values
+from vdg.run.cli import command_line, report_user_errors
 
 
 @hydra.main(config_path="../configs", config_name="flops", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
-    try:
-        summary = flops_summary(cfg)
-    except USER_ERRORS as err:
-        exit_with(err)
+    summary = flops_summary(cfg)
     print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *quote_path_values(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
     main()

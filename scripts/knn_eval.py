@@ -16,15 +16,13 @@ from omegaconf import DictConfig
 
 from vdg.eval.protocols import evaluate
 from vdg.eval.summary import summary_lines
-from vdg.run.cli import USER_ERRORS, exit_with, quote_path_values
+from vdg.run.cli import command_line, report_user_errors
 
 
 @hydra.main(config_path="../configs", config_name="knn_eval", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
-    try:
-        result = evaluate(cfg)
-    except USER_ERRORS as err:
-        exit_with(err)
+    result = evaluate(cfg)
     if cfg.json:  # the records, one JSON list, for scripts and jq
         print(json.dumps(result.records, indent=2))
     else:
@@ -32,5 +30,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *quote_path_values(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
     main()

@@ -17,6 +17,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from vdg.run.cli import command_line, report_user_errors
+
 
 def job_overrides() -> list[str]:
     """This job's command-line overrides, sweep values included (`dry_run` itself left out)."""
@@ -132,6 +134,7 @@ def anchor_paths(cfg: DictConfig) -> None:
 
 
 @hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
+@report_user_errors  # vdg's errors, Hydra's and OmegaConf's: one `error:` line, exit 2 (a stopped run: 130)
 def main(cfg: DictConfig) -> None:
     overrides = " ".join(shlex.quote(o) for o in job_overrides())
     rule = skip_rule(cfg)
@@ -146,8 +149,6 @@ def main(cfg: DictConfig) -> None:
                   "file you supply: see the sweep's config)", file=sys.stderr, flush=True)
         return
     # imported here: a dry run lists a sweep without loading torch
-    from vdg.core.errors import Interrupted
-    from vdg.run.cli import USER_ERRORS, exit_with
     from vdg.run.driver import describe_summary, pretrain
     from vdg.run.logging import quiet_known_warnings
 
@@ -155,11 +156,6 @@ def main(cfg: DictConfig) -> None:
     anchor_paths(cfg)
     try:
         summary = pretrain(cfg, hydra_files(cfg))
-    except Interrupted as err:  # never exit 0: a job chain must not go on with an unfinished run
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(130)
-    except USER_ERRORS as err:
-        exit_with(err)
     except KeyboardInterrupt:  # between the driver's own handlers (e.g. while the lock is released)
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
@@ -170,8 +166,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from vdg.run.cli import quote_path_values
-
-    sys.argv = [sys.argv[0], *quote_path_values(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:])]
     if not sweep_dry_run(sys.argv[1:]):
         main()

@@ -15,15 +15,13 @@ from omegaconf import DictConfig
 
 from vdg.eval.summary import display_path
 from vdg.report.umap import umap_plot
-from vdg.run.cli import USER_ERRORS, exit_with, quote_path_values
+from vdg.run.cli import command_line, report_user_errors
 
 
 @hydra.main(config_path="../configs", config_name="umap", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
-    try:
-        summary = umap_plot(cfg)
-    except USER_ERRORS as err:
-        exit_with(err)
+    summary = umap_plot(cfg)
     if cfg.json:  # the summary as one JSON object, for scripts
         print(json.dumps(summary, indent=2))
     else:
@@ -34,5 +32,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *quote_path_values(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
     main()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +78,32 @@ def test_resume_names_every_key_that_fixes_a_tensor_shape_before_loading(tiny_cf
     key = change.split("=")[0]
     with pytest.raises(CheckpointError, match=rf"refusing to resume .*{key.replace('.', r'[.]')}"):
         pretrain(tiny_cfg(*quick, "trainer.max_epochs=2", "resume=extend", change))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["budget=["], r"^error: cannot read the override 'budget=\[' \(.*\); write key=value, and quote"),
+    (["budget=${oc.env:VDG_SURELY_UNSET}", "dry_run=true"],
+     r"^error: .*Environment variable 'VDG_SURELY_UNSET' not found.*must name an existing config key"),
+])
+def test_hydra_and_omegaconf_errors_are_one_line_with_status_2(args, expected):
+    result = subprocess.run([sys.executable, "scripts/pretrain.py", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={k: v for k, v in os.environ.items() if k != "VDG_TRACEBACK"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(expected, lines[0]), result.stderr[-2000:]
+
+
+def test_library_errors_from_user_input_are_translated_and_bugs_are_not():
+    from omegaconf import OmegaConf
+
+    from vdg.run.cli import as_user_error
+
+    cfg = OmegaConf.create({"run_dir": "${nowhere}"})
+    with pytest.raises(Exception) as interpolation:
+        OmegaConf.to_container(cfg, resolve=True)
+    translated = as_user_error(interpolation.value)
+    assert isinstance(translated, VdgError) and "run_dir" in str(translated) and "nowhere" in str(translated)
+    refused = as_user_error(PermissionError(13, "Permission denied", "/root/x/summary.json"))
+    assert isinstance(refused, VdgError) and str(refused).startswith("/root/x/summary.json: Permission denied")
+    assert as_user_error(ZeroDivisionError("a bug")) is None
+    assert as_user_error(KeyError("a bug")) is None

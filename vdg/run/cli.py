@@ -7,11 +7,14 @@ No science and no config defaults here; each script keeps its own options. Impor
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
-from vdg.core.errors import VdgError
+from vdg.core.errors import ConfigError, Interrupted, VdgError
 
 USER_ERROR_STATUS = 2
 
@@ -64,23 +67,94 @@ def quote_path_values(argv: list[str], keys: tuple[str, ...] = PATH_KEYS) -> lis
 
 def int_option(options: dict[str, str], key: str, low: int = 0) -> int:
     """A script option that must be an integer >= low (`steps=abc` is one clear line, not a traceback)."""
-    from vdg.core.errors import ConfigError
-
     value = options[key]
     if not re.fullmatch(r"[+-]?\d+", value.strip()) or int(value) < low:
         raise ConfigError(f"{key}={value!r} must be an integer >= {low}")
     return int(value)
 
 
+def as_user_error(err: BaseException) -> VdgError | None:
+    """The user error behind an exception, or None when it is a bug (which keeps its traceback).
+
+    Translated at this boundary: Hydra's composition errors (an unknown group option or key), OmegaConf's (a
+    `${...}` interpolation naming no key or environment variable, a value of the wrong type) and an OSError on a
+    path (a name the file system refuses, a permission): each becomes one line that names the key or the path.
+    `VDG_TRACEBACK=1` keeps the traceback of everything but vdg's own errors.
+    """
+    from hydra.errors import HydraException
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, VdgError):
+        return err
+    if os.environ.get("VDG_TRACEBACK"):  # a maintainer debugging: every exception keeps its traceback
+        return None
+    if isinstance(err, MisconfigurationException):
+        return ConfigError(str(err))
+    if isinstance(err, OmegaConfBaseException):
+        key = getattr(err, "full_key", None)
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        message = lines[0] if lines else type(err).__name__
+        where = f"{key}: " if key else ""
+        fix = ""
+        if "nterpolation" in type(err).__name__ or "${" in message:
+            fix = ("; a ${...} value must name an existing config key or, as ${oc.env:NAME}, a set environment "
+                   "variable")
+        return ConfigError(f"{where}{message}{fix}")
+    if isinstance(err, HydraException):
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        return ConfigError(" ".join(lines[:2]) if lines else type(err).__name__)
+    if isinstance(err, OSError) and err.filename:
+        reason = err.strerror or str(err)
+        return ConfigError(f"{err.filename}: {reason}; check the path given on the command line or in the config")
+    return None
+
+
+def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a script's task (inside @hydra.main, or called directly): a user error is one `error:` line with
+    exit status 2, a stopped run one line with 130, anything else its traceback."""
+
+    @functools.wraps(task)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        except Interrupted as err:  # never exit 0: a job chain must not go on with an unfinished run
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(130)
+        except Exception as err:
+            problem = as_user_error(err)
+            if problem is None:
+                raise
+            exit_with(problem)
+
+    return run
+
+
 def exit_on_user_error(main: Any, *args: Any) -> Any:
-    """Run a script's `main` (one not wrapped by @hydra.main), turning user errors and Hydra's composition
-    errors (an unknown group option, a key that does not exist) into `error: <message>` and exit status 1."""
+    """Run a script's `main` (one not wrapped by @hydra.main) under `report_user_errors`."""
+    return report_user_errors(main)(*args)
+
+
+def command_line(argv: list[str]) -> list[str]:
+    """A Hydra script's arguments, checked before Hydra sees them: paths with '=' quoted (`quote_path_values`), and
+    an override Hydra's grammar cannot read reported as one line naming it (Hydra's own report is a lexer
+    message and a link)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    try:
-        return main(*args)
-    except (*user_errors(), HydraException) as err:
-        exit_with(err)
+    argv = quote_path_values(argv)
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:  # flags (-m, --cfg job, ...) and their values
+            continue
+        try:
+            parser.parse_override(arg)
+        except HydraException as err:  # the lexer's and parser's errors
+            reason = str(err).strip().splitlines()[0]
+            exit_with(ConfigError(
+                f"cannot read the override {arg!r} ({reason}); write key=value, and quote a value that holds "
+                f"brackets, braces, commas, quotes or spaces: 'key=\"...\"'"))
+    return argv
 
 
 def split_options(argv: list[str], defaults: dict[str, str]) -> tuple[dict[str, str], list[str]]:
