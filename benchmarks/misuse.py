@@ -1207,6 +1207,142 @@ def _(ctx: Context) -> Verdict:
     return succeeded(res, "run_dir=.../lr=0.1") or Verdict("ok")
 
 
+# 11. ---- round 3: every mistake is one `error:` line with exit status 2 ----------------------------------
+def one_line(res: Result, pattern: str, work_done: bool = False) -> Verdict:
+    """`refused`, and stricter: exit status 2 (a user error) and the message on one stderr line."""
+    verdict = refused(res, pattern, work_done)
+    if verdict.outcome != "ok":
+        return verdict
+    lines = [line for line in res.err.strip().splitlines() if line.strip()]
+    if res.rc != 2:
+        return Verdict("misleading", f"exit {res.rc}, not 2: {res.last_line()}")
+    if len([line for line in lines if not line.startswith(("warning", "  warnings.warn", "/"))]) > 1:
+        return Verdict("misleading", f"{len(lines)} lines: {' | '.join(lines)[:300]}")
+    return verdict
+
+
+def user_error_case(kind: str, name: str, script: str, args: list[str], pattern: str, ckpt: bool = False) -> None:
+    """A command refused at once with one line (no training, no feature extraction)."""
+
+    def run(ctx: Context) -> Verdict:
+        extra = []
+        if ckpt:
+            extra = [f"ckpt={last_ckpt(ctx.copy('finished', name))}"]
+        elif script == "pretrain":
+            extra = [*TINY, f"run_dir={ctx.path(name)}", "trainer.max_epochs=1"]
+        hooks = ("vdg.eval.features:extract_features=MARK",) if ckpt else ()
+        res = ctx.run(script, *extra, *args, hooks=hooks)
+        return one_line(res, pattern, work_done="MISUSE-MARK" in res.err)
+
+    CASES.append(Case(kind, name, run))
+
+
+UNSET = "MISUSE_SURELY_UNSET_VARIABLE"
+for args, pattern in [
+    (["budget=["], r"cannot read the override 'budget=\['"),
+    (["budget=0.3)"], r"cannot read the override"),
+    (["'data.batch_size=[1,2'"], r"cannot read the override"),
+    (["trainer.max_epochs=${oc.env:" + UNSET + "}"], UNSET),
+    (["run_dir=${nowhere}"], r"nowhere"),
+    (["budget=${oc.env:HOME}"], r"budget=.*must be a number"),
+    (["method=nope"], r"method/nope.*allowed values: \[.*vdg"),
+    (["dataset=nope"], r"dataset/nope.*allowed values"),
+    (["+sweep=nope"], r"sweep/nope.*allowed values: \[.*table1"),
+    (["optimizer=nope"], r"optimizer/nope.*allowed values"),
+    (["logger=nope"], r"logger/nope.*allowed values"),
+    (["trainer.max_epoch=3"], r"unknown key trainer.max_epoch .*did you mean trainer.max_epochs"),
+    (["gating.budget_wieght=1"], r"unknown key gating.budget_wieght"),
+    (["data.batch_size=[1,2]"], r"batch_size"),
+    (["budget=nan"], r"budget"),
+    (["budget=1e309"], r"budget"),
+    (["data.batch_size=0"], r"batch_size"),
+    (["trainer.max_epochs=-1"], r"max_epochs"),
+]:
+    user_error_case("11 grammar and values", "pretrain " + " ".join(args), "pretrain", args, pattern)
+
+for script, args, pattern in [
+    ("knn_eval", ["k=["], r"cannot read the override 'k=\['"),
+    ("knn_eval", ["kk=3"], r"unknown key kk"),
+    ("knn_eval", ["k=${oc.env:" + UNSET + "}"], UNSET),
+    ("knn_eval", ["k=0"], r"\bk\b"),
+    ("knn_eval", ["distance=manhattan"], r"manhattan"),
+    ("linear_eval", ["epochz=3"], r"unknown key epochz .*did you mean epochs"),
+    ("linear_eval", ["eval=nope"], r"eval/nope.*allowed values"),
+    ("export", ["branch=[gated"], r"cannot read the override"),
+    ("export", ["brnch=gated"], r"unknown key brnch .*did you mean branch"),
+    ("flops", ["'ckpt={a'"], r"cannot read the override"),
+    ("umap_plot", ["max_sample=5"], r"unknown key max_sample .*did you mean max_samples"),
+]:
+    user_error_case("11 grammar and values", f"{script} " + " ".join(args), script, args, pattern, ckpt=True)
+
+
+# resume: every key that fixes a tensor's shape is named before any state is loaded
+for change in ["dataset.num_classes=5", "probe.batchnorm=false", "probe.enabled=false",
+               "method.projector_output_dim=16", "backbone.width=8"]:
+    named = r"refusing to resume.*" + re.escape(change.split("=")[0])
+    bad_pretrain("11 resume shapes", "resume=extend with " + change, ["trainer.max_epochs=3", "resume=extend", change],
+                 named, template="finished")
+
+
+@case("11 paths", "run_dir with a component longer than the file system allows")
+def _(ctx: Context) -> Verdict:
+    return one_line(ctx.pretrain(ctx.work / ("x" * 300) / "run", "trainer.max_epochs=1"), r"x{20}")
+
+
+@case("11 paths", "export out_dir below a file")
+def _(ctx: Context) -> Verdict:
+    run_dir = ctx.copy("finished", "export-below-file")
+    blocker = ctx.fresh("export-below-file-blocker") / "a-file"
+    blocker.write_text("not a folder")
+    res = ctx.run("export", f"ckpt={last_ckpt(run_dir)}", "branch=gated", f"out_dir={blocker / 'sub'}")
+    return one_line(res, r"a-file")
+
+
+@case("11 paths", "knn_eval ckpt= a directory")
+def _(ctx: Context) -> Verdict:
+    return one_line(ctx.run("knn_eval", f"ckpt={ctx.fresh('ckpt-is-a-dir')}"), r"ckpt-is-a-dir")
+
+
+@case("11 paths", "folder dataset whose data.root is a file")
+def _(ctx: Context) -> Verdict:
+    root = ctx.fresh("root-is-a-file") / "images.tar"
+    root.write_text("not a folder")
+    return one_line(ctx.pretrain(ctx.path("root-is-a-file-run"), "dataset=folder", f"data.root={root}",
+                                 "trainer.max_epochs=1"), r"images\.tar")
+
+
+# 12. ---- a crash in native code never takes the process down ----------------------------------------------
+@case("12 native code", "width 4 (the documented minimum) trains under oneDNN's AVX2 kernels")
+def _(ctx: Context) -> Verdict:
+    res = ctx.pretrain(ctx.path("width4-avx2"), "trainer.max_epochs=2",
+                       env={"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"})
+    if res.rc < 0:
+        return Verdict("traceback", f"killed by signal {-res.rc}: {res.last_line()}")
+    return succeeded(res, "width 4 under AVX2") or Verdict("ok")
+
+
+@case("12 native code", "SIGTERM to a run stuck in native code ends it within seconds")
+def _(ctx: Context) -> Verdict:
+    code = ("import ctypes, signal\nfrom vdg.run.hardstop import hard_stop\nwith hard_stop(grace_s=2):\n"
+            "    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])\n    print('ready', flush=True)\n"
+            "    ctypes.CDLL(None).pause()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ctx.work, env=ctx.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        return Verdict("misleading", "the stuck child did not start")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return Verdict("wrong", "still running 30 s after SIGTERM")
+    if proc.returncode != 128 + signal.SIGTERM or "not acknowledged" not in err:
+        return Verdict("misleading", f"exit {proc.returncode}: {err.strip().splitlines()[:1]}")
+    return Verdict("ok", err.strip().splitlines()[0][:200])
+
+
 # ---------------------------------------------------------------------------------------------- the driver
 def build_templates(ctx: Context) -> None:
     finished = ctx.work / "_finished"

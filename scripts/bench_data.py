@@ -16,18 +16,17 @@ import itertools
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from vdg.core.paths import CONFIG_DIR
 from vdg.data.module import PretrainDataModule
 from vdg.run.cli import exit_on_user_error, int_option, split_options
 from vdg.run.config import validate_pretrain_config
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 OPTIONS = {"batches": "20", "warmup": "2", "backends": "[cpu,gpu]"}
 
 
@@ -76,7 +75,7 @@ def bench(cfg: Any, backend: str, batches: int, warmup: int) -> dict[str, Any]:
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
     options, overrides = split_options(argv, OPTIONS)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="pretrain", overrides=overrides)
     validate_pretrain_config(cfg)
     batches, warmup = int_option(options, "batches", 1), int_option(options, "warmup")

@@ -37,13 +37,13 @@ from omegaconf import OmegaConf  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without `pip install -e .`
 
 from vdg.core import machine  # noqa: E402
+from vdg.core.paths import CONFIG_DIR  # noqa: E402
 from vdg.eval.features import channels_last, eval_mode  # noqa: E402
 from vdg.eval.linear import train_linear_runs  # noqa: E402
 from vdg.eval.protocols import Evaluation, linear_protocol  # noqa: E402
 from vdg.eval.views import EpochFeatures  # noqa: E402
 from vdg.run.cli import USER_ERRORS, exit_with, split_options  # noqa: E402
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 OPTIONS = {"bench_epochs": "3", "repeats": "3"}
 
 
@@ -118,7 +118,7 @@ def linear_epochs(evaluation: Evaluation, epochs: int) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     options, overrides = split_options(argv, OPTIONS)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="linear_eval", overrides=overrides)
     try:
         evaluation = Evaluation(cfg)

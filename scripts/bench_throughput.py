@@ -51,6 +51,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from vdg.core import machine
+from vdg.core.paths import CONFIG_DIR
 from vdg.data import PretrainDataModule
 from vdg.methods import BaseMethod, build_method
 from vdg.models import Branch
@@ -59,7 +60,6 @@ from vdg.run.cli import exit_on_user_error, split_options
 from vdg.run.driver import trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "configs")
 OPTIONS = {
     "methods": "[vicreg,vdg]",
     "backends": "[cpu,gpu]",
@@ -366,7 +366,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     warnings.filterwarnings("ignore", message=".*self.log.*")
     rows = []
     for method, backend, compiled in itertools.product(methods, backends, compiles):
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="pretrain", overrides=[f"method={method}", *overrides])
         cfg = OmegaConf.merge(cfg, {"data": {"backend": backend}, "trainer": {"compile": compiled}})
         row = bench(cfg, options, profile and not rows)

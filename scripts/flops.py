@@ -23,5 +23,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *command_line(sys.argv[1:])]  # ckpt=.../epoch=0009.ckpt needs no quoting
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "flops")]  # ckpt=.../epoch=0009.ckpt needs no quoting
     main()

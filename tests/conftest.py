@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+from vdg.core.paths import CONFIG_DIR
 
 TINY = [
     "dataset=synthetic",
@@ -28,7 +28,7 @@ TINY = [
 
 
 def compose_config(overrides: list[str], config_name: str = "pretrain"):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
 
 

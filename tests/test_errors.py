@@ -107,3 +107,22 @@ def test_library_errors_from_user_input_are_translated_and_bugs_are_not():
     assert isinstance(refused, VdgError) and str(refused).startswith("/root/x/summary.json: Permission denied")
     assert as_user_error(ZeroDivisionError("a bug")) is None
     assert as_user_error(KeyError("a bug")) is None
+
+
+BARE = {"ValueError", "RuntimeError", "TypeError", "KeyError"}
+
+
+def test_no_bare_builtin_error_is_raised_for_user_input():
+    """Every `raise ValueError/RuntimeError/...` in vdg/ is either a VdgError subclass (the user's input: one
+    `error:` line) or marked `# not user input: <why>` on the line above (an API misuse or a bug: a traceback)."""
+    unmarked = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, ast.Raise) or node.exc is None:
+                continue
+            call = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            name = call.id if isinstance(call, ast.Name) else None
+            if name in BARE and "# not user input:" not in lines[node.lineno - 2]:
+                unmarked.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()[:90]}")
+    assert not unmarked, "raise a VdgError subclass, or say why it is not user input:\n" + "\n".join(unmarked)

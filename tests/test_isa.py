@@ -99,7 +99,7 @@ def test_training_the_affected_shapes_under_avx2(tmp_path):
                                  "final_knn.enabled=false", f"backbone.width={{width}}", f"dataset.stem={{stem}}",
                                  f"dataset.image_size={{size}}",
                                  f"trainer.channels_last={{channels_last}}", f"run_dir={tmp_path}/" + name]
-                    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+                    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                         cfg = compose(config_name="pretrain", overrides=overrides)
                     summary = pretrain(cfg)
                     assert summary["epochs"] == 2 and summary["steps"] == 4, summary

@@ -67,3 +67,7 @@ class NonFiniteLossError(VdgError, FloatingPointError):
 
 class Interrupted(VdgError, RuntimeError):
     """A command stopped by SIGINT or SIGTERM; the message says what is complete and how to carry on."""
+
+
+class RecordError(VdgError, ValueError):
+    """A result record (an evaluation JSON, a summary) is unreadable, or none exists where a report needs one."""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from vdg.core.errors import DataNotFoundError, DatasetError, ImageReadError
+from vdg.core.errors import ConfigError, DataNotFoundError, DatasetError, ImageReadError
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet100", "folder", "digits", "synthetic")
 # The roles a caller asks `build_dataset` for; which split on disk each role is depends on the dataset.
@@ -38,8 +38,10 @@ class TensorImageDataset(Dataset):
 
     def __init__(self, images: Tensor, labels: Tensor, classes: list[str], transform: Callable | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            # not user input: the dataset builders' tensors
             raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if len(labels) != len(images):
+            # not user input: the dataset builders' tensors
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.classes, self.transform = images, labels.long(), classes, transform
 
@@ -55,7 +57,7 @@ class TensorImageDataset(Dataset):
 
 def _check_split(split: str, allowed: tuple[str, ...] = ("train", "test")) -> None:
     if split not in allowed:
-        raise ValueError(f"unknown split {split!r}; allowed values: {list(allowed)}")
+        raise ConfigError(f"unknown split {split!r}; allowed values: {list(allowed)}")
 
 
 def disk_split(dataset_cfg: Any, split: str) -> str:
@@ -70,7 +72,7 @@ def disk_split(dataset_cfg: Any, split: str) -> str:
         allowed = PRETRAIN_SPLITS.get(name, DEFAULT_PRETRAIN_SPLITS)
         chosen = str(dataset_cfg.get("pretrain_split", allowed[0]))
         if chosen not in allowed:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown dataset.pretrain_split {chosen!r} for dataset {name!r}; allowed values: {list(allowed)}"
             )
         return chosen
@@ -109,7 +111,7 @@ def make_synthetic(
     """
     _check_split(split)
     if num_classes < 1 or size < 1:
-        raise ValueError(f"synthetic dataset needs num_classes >= 1 and size >= 1, got {num_classes}, {size}")
+        raise ConfigError(f"synthetic dataset needs num_classes >= 1 and size >= 1, got {num_classes}, {size}")
     gen = torch.Generator().manual_seed(seed)
     low = max(image_size // 8, 2)
     prototypes = torch.rand(num_classes, 3, low, low, generator=gen)
@@ -475,16 +477,16 @@ def class_balanced_indices(labels: Tensor, per_class: int, seed: int, key: str =
     """
     labels = torch.as_tensor(labels).long()
     if per_class < 1:
-        raise ValueError(f"{key}={per_class} must be a positive number of images per class, or null (the whole split)")
+        raise ConfigError(f"{key}={per_class} must be a positive number of images per class, or null (the whole split)")
     if len(labels) and int(labels.min()) < 0:
-        raise ValueError(f"{key}={per_class} needs labels, but this split has unlabelled images (label -1)")
+        raise ConfigError(f"{key}={per_class} needs labels, but this split has unlabelled images (label -1)")
     classes, counts = torch.unique(labels, return_counts=True)
     if not len(classes):
-        raise ValueError(f"{key}={per_class}: the split is empty")
+        raise DatasetError(f"{key}={per_class}: the split is empty")
     smallest = int(counts.min())
     if smallest < per_class:
         name = int(classes[int(counts.argmin())])
-        raise ValueError(
+        raise ConfigError(
             f"{key}={per_class} but class {name} has only {smallest} images in this split; "
             f"allowed values: 1..{smallest}"
         )
@@ -508,6 +510,7 @@ def class_subset(dataset: Dataset, indices: Tensor) -> Dataset:
         digest = hashlib.sha256(indices.numpy().tobytes()).hexdigest()[:8]
         subset.cache_tag = f"-subset{len(indices)}-{digest}"
         return subset
+    # not user input: build_dataset returns only these two kinds
     raise TypeError(f"class-balanced subsets support tensor and image-folder datasets, not {type(dataset).__name__}")
 
 
@@ -520,12 +523,12 @@ def apply_subset(dataset: Dataset, dataset_cfg: Any, split: str) -> Dataset:
         return dataset
     seed = dataset_cfg.get("subset_seed")
     if seed is None:
-        raise ValueError(
+        raise ConfigError(
             f"dataset.{key}={per_class} needs dataset.subset_seed (an integer; pretraining sets the run's seed)"
         )
     labels = getattr(dataset, "labels", None)
     if labels is None:
-        raise ValueError(f"dataset.{key} needs a labelled split; {type(dataset).__name__} has no labels")
+        raise ConfigError(f"dataset.{key} needs a labelled split; {type(dataset).__name__} has no labels")
     where = f"dataset.{key} ({dataset_cfg.name} {disk_split(dataset_cfg, split)} split)"
     return class_subset(dataset, class_balanced_indices(labels, int(per_class), int(seed), where))
 
@@ -540,7 +543,7 @@ def build_dataset(dataset_cfg: Any, data_cfg: Any, split: str) -> Dataset:
     """
     name = dataset_cfg.name
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset.name {name!r}; allowed values: {list(DATASETS)}")
+        raise ConfigError(f"unknown dataset.name {name!r}; allowed values: {list(DATASETS)}")
     return apply_subset(_load_split(dataset_cfg, data_cfg, split), dataset_cfg, split)
 
 

@@ -325,6 +325,7 @@ class GPUViewAugment(nn.Module):
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            # not user input: the data module's own tensors
             raise TypeError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         n, _, height, width = images.shape
         params = sample_view_params(self.recipe, n, height, width, generator, images.device)

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from vdg.core.errors import ConfigError
+
 BACKENDS = ("cpu", "gpu", "auto")
 
 
@@ -39,9 +41,9 @@ def resolve_backend(
     gpu: always (a CPU device works too, for tests); raises when the split does not fit in that fraction.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown data.backend {backend!r}; allowed values: {list(BACKENDS)}")
+        raise ConfigError(f"unknown data.backend {backend!r}; allowed values: {list(BACKENDS)}")
     if not 0 < memory_fraction <= 1:
-        raise ValueError(f"data.gpu_memory_fraction={memory_fraction} must lie in (0, 1]")
+        raise ConfigError(f"data.gpu_memory_fraction={memory_fraction} must lie in (0, 1]")
     if backend == "cpu" or (backend == "auto" and device.type != "cuda"):
         return "cpu"
     free = free_device_memory(device) if free_bytes is None else free_bytes
@@ -80,13 +82,16 @@ class DeviceBatchLoader:
         world_size: int = 1,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            # not user input: the data module's own tensors
             raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (len(images),) or labels.device != images.device:
+            # not user input: the data module's own tensors
             raise ValueError(f"labels must be [N={len(images)}] on {images.device}, got {tuple(labels.shape)}")
         if not 0 <= rank < world_size:
+            # not user input: the Trainer's ranks
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if len(images) < batch_size * world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the train split has {len(images)} images, fewer than one global batch "
                 f"({batch_size} x {world_size} devices); lower data.batch_size"
             )

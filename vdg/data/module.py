@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from vdg.core.errors import DatasetError
+from vdg.core.errors import ConfigError, DatasetError
 from vdg.data.datasets import ImageFolderDataset, TensorImageDataset, build_dataset, decode_folder
 from vdg.data.gpu_augment import GPUMultiViewAugment
 from vdg.data.gpu_module import DeviceBatchLoader, resolve_backend
@@ -37,7 +37,7 @@ class TransformedDataset(Dataset):
 def view_recipes(dataset_cfg: Any) -> list[ViewRecipe]:
     views = dataset_cfg.augment
     if len(views) != 2:
-        raise ValueError(
+        raise ConfigError(
             f"dataset.augment must list 2 views (view 0 -> gated, view 1 -> dense), got {len(views)}"
         )
     return [ViewRecipe.from_config(v) for v in views]

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from vdg.core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ViewRecipe:
@@ -41,7 +43,7 @@ class ViewRecipe:
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown augmentation key(s) {unknown} in dataset.augment; allowed keys: {sorted(allowed)}"
             )
         recipe = cls(**{k: float(v) for k, v in data.items()})
@@ -53,11 +55,11 @@ class ViewRecipe:
         for name in probs:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"dataset.augment.{name}={value} must lie in [0, 1]")
+                raise ConfigError(f"dataset.augment.{name}={value} must lie in [0, 1]")
         if not 0.0 < self.crop_min_scale <= self.crop_max_scale <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset.augment crop scales ({self.crop_min_scale}, {self.crop_max_scale}) must satisfy "
                 "0 < crop_min_scale <= crop_max_scale <= 1"
             )
         if not 0.0 < self.blur_sigma_min <= self.blur_sigma_max:
-            raise ValueError("dataset.augment blur sigmas must satisfy 0 < blur_sigma_min <= blur_sigma_max")
+            raise ConfigError("dataset.augment blur sigmas must satisfy 0 < blur_sigma_min <= blur_sigma_max")

@@ -77,6 +77,7 @@ def extract_features(
                 if keep_masks:
                     masks.append([m.bool().cpu() for m in out.masks])
     if not features:
+        # not user input: the protocols build non-empty loaders
         raise ValueError("extract_features got an empty loader")
     return Features(
         features=torch.cat(features),
@@ -124,6 +125,7 @@ def extract_branches(
                 if branch is Branch.GATED:
                     parts[branch][1].append(out.active_channels().float().cpu())
     if not labels:
+        # not user input: the protocols build non-empty loaders
         raise ValueError("extract_branches got an empty loader")
     return {
         b: Features(torch.cat(feats), torch.cat(labels), torch.cat(active) if active else None)
@@ -141,11 +143,13 @@ def gate_report(active_channels: Tensor, cost: NetworkCost) -> dict:
     """
     active = active_channels.float()
     if active.ndim != 2 or active.shape[1] != len(cost.blocks):
+        # not user input: the protocols' mask tensors
         raise ValueError(
             f"active_channels must be [N, {len(cost.blocks)}] (one column per block), "
             f"got {list(active.shape)}"
         )
     if active.shape[0] == 0:
+        # not user input: the protocols' mask tensors
         raise ValueError("gate_report needs at least one sample")
     gated = cost.gated_macs(active).double().mean().item()
     per_block = active.mean(dim=0)
@@ -171,6 +175,7 @@ def channel_usage(masks_per_block: Sequence[Tensor]) -> list[dict[str, int]]:
     usage = []
     for mask in masks_per_block:
         if mask.ndim != 2 or mask.shape[0] == 0:
+            # not user input: the protocols' mask tensors
             raise ValueError(f"each block mask must be [N>0, C_b], got {list(mask.shape)}")
         kept = mask.bool()
         on, off = kept.all(dim=0).sum().item(), (~kept).all(dim=0).sum().item()

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vdg.core.errors import ConfigError
+
 DISTANCES = ("euclidean", "cosine")
 WEIGHTINGS = ("uniform", "distance", "exp")
 DISTANCE_EPS = 1e-5  # 1/(d + eps) vote weight, as the official code and solo-learn
@@ -17,13 +19,13 @@ CHUNK_ELEMENTS = 2**25  # default budget of one distance matrix chunk (128 MiB i
 
 def check_options(k: int, n_train: int, distance: str, weighting: str, temperature: float) -> None:
     if distance not in DISTANCES:
-        raise ValueError(f"unknown knn distance {distance!r}; allowed values: {list(DISTANCES)}")
+        raise ConfigError(f"unknown knn distance {distance!r}; allowed values: {list(DISTANCES)}")
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown knn weighting {weighting!r}; allowed values: {list(WEIGHTINGS)}")
+        raise ConfigError(f"unknown knn weighting {weighting!r}; allowed values: {list(WEIGHTINGS)}")
     if not 1 <= k <= n_train:
-        raise ValueError(f"knn k={k} must satisfy 1 <= k <= number of train features ({n_train})")
+        raise ConfigError(f"knn k={k} must satisfy 1 <= k <= number of train features ({n_train})")
     if weighting == "exp" and temperature <= 0:
-        raise ValueError(f"knn temperature={temperature} must be > 0 for weighting='exp'")
+        raise ConfigError(f"knn temperature={temperature} must be > 0 for weighting='exp'")
 
 
 def pairwise_distance(queries: Tensor, bank: Tensor, bank_sq_norms: Tensor | None, distance: str) -> Tensor:
@@ -83,16 +85,18 @@ def knn_predict(
     """
     dims_ok = train_features.ndim == 2 and test_features.ndim == 2
     if not dims_ok or train_features.shape[1] != test_features.shape[1]:
+        # not user input: the protocols' feature tensors
         raise ValueError(
             f"knn features must be [N, D] and [M, D], got {list(train_features.shape)} and "
             f"{list(test_features.shape)}"
         )
     if train_labels.shape != (train_features.shape[0],):
+        # not user input: the protocols' feature tensors
         raise ValueError(f"train_labels must be [{train_features.shape[0]}], got {list(train_labels.shape)}")
     n_train = train_features.shape[0]
     check_options(k, n_train, distance, weighting, temperature)
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"knn chunk_size={chunk_size} must be >= 1 (or None)")
+        raise ConfigError(f"knn chunk_size={chunk_size} must be >= 1 (or None)")
     rows = chunk_size or max(1, CHUNK_ELEMENTS // n_train)
 
     device = train_features.device
@@ -123,5 +127,6 @@ def knn_accuracy(
     """Top-1 accuracy in percent of `knn_predict(train_features, train_labels, test_features, **options)`."""
     predictions = knn_predict(train_features, train_labels, test_features, **options)
     if predictions.numel() == 0:
+        # not user input: the protocols' feature tensors
         raise ValueError("knn_accuracy needs at least one test feature")
     return (predictions.cpu() == test_labels.cpu().long()).float().mean().item() * 100.0

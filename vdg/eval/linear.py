@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vdg.core.errors import ConfigError
 from vdg.eval.features import Features
 from vdg.models.branch import Branch
 
@@ -44,11 +45,11 @@ class LinearProtocol:
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
-            raise ValueError(f"unknown linear init {self.init!r}; allowed values: {list(INITS)}")
+            raise ConfigError(f"unknown linear init {self.init!r}; allowed values: {list(INITS)}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"linear epochs={self.epochs} and batch_size={self.batch_size} must be >= 1")
+            raise ConfigError(f"linear epochs={self.epochs} and batch_size={self.batch_size} must be >= 1")
         if list(self.milestones) != sorted(self.milestones):
-            raise ValueError(f"linear milestones={self.milestones} must be increasing")
+            raise ConfigError(f"linear milestones={self.milestones} must be increasing")
 
 
 def step_lr(epoch: int, protocol: LinearProtocol) -> float:
@@ -62,7 +63,7 @@ def linear_head(in_features: int, num_classes: int, init: str = "default", seed:
     "default" reproduces nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)); "uniform" draws weights from U(0, 1).
     """
     if init not in INITS:
-        raise ValueError(f"unknown linear init {init!r}; allowed values: {list(INITS)}")
+        raise ConfigError(f"unknown linear init {init!r}; allowed values: {list(INITS)}")
     generator = torch.Generator().manual_seed(seed)
     head = nn.Linear(in_features, num_classes)
     bound = 1.0 / math.sqrt(in_features)
@@ -234,6 +235,7 @@ def train_linear_runs(
     runs, n = len(seeds), labels.shape[0]
     streams = torch.as_tensor(list(streams) if streams is not None else [0] * runs, device=device)
     if streams.shape != (runs,):
+        # not user input: the linear protocol's own streams
         raise ValueError(f"streams must give one copy index per run ({runs}), got {streams.tolist()}")
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     heads: dict[Branch, StackedLinearHeads] = {}

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from vdg.core.errors import CheckpointError, ConfigError
+from vdg.core.paths import CONFIG_DIR
 from vdg.data.datasets import build_dataset
 from vdg.data.module import eval_loader
 from vdg.eval.features import Features, channels_last, eval_mode, extract_branches, extract_features, gate_report
@@ -41,7 +42,6 @@ BRANCH_CHOICES = ("dense", "gated", "both")
 # image_stats: which mean/std normalise evaluation images. "dataset": the evaluated dataset's eval_mean/eval_std;
 # "cifar10": CIFAR-10's, as the official linear/k-NN code does for CIFAR-100 too (reference §1.13).
 IMAGE_STATS = ("dataset", "cifar10")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def dataset_names() -> list[str]:

@@ -93,6 +93,7 @@ def config_hash(pretrain_cfg: Any, eval_cfg: Any) -> str:
 def accuracy_fields(top1_runs: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
     """metric/value/std/runs/seeds of one or more evaluation runs (top-1 in percent; std with ddof 1)."""
     if not top1_runs:
+        # not user input: the protocols always pass runs
         raise ValueError("a result needs at least one run")
     runs = [float(v) for v in top1_runs]
     return {

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from vdg.core.errors import ConfigError
 from vdg.data.datasets import ImageFolderDataset, TensorImageDataset
 from vdg.data.gpu_augment import CROP_RATIO, hflip, resized_crop, sample_crop_boxes, sample_mask
 from vdg.data.gpu_module import free_device_memory
@@ -39,7 +40,7 @@ def choose_backend(backend: str, dataset: Dataset, device: torch.device, memory_
     from the full-resolution files. batched on an image folder is refused rather than silently resized.
     """
     if backend not in AUGMENT_BACKENDS:
-        raise ValueError(f"unknown augment_backend {backend!r}; allowed values: {list(AUGMENT_BACKENDS)}")
+        raise ConfigError(f"unknown augment_backend {backend!r}; allowed values: {list(AUGMENT_BACKENDS)}")
     if backend == "workers":
         return "workers"
     is_tensor = isinstance(dataset, TensorImageDataset)
@@ -48,9 +49,9 @@ def choose_backend(backend: str, dataset: Dataset, device: torch.device, memory_
         return "batched" if fits else "workers"
     if not is_tensor:
         kind = "an image folder" if isinstance(dataset, ImageFolderDataset) else type(dataset).__name__
-        raise ValueError(f"augment_backend=batched needs a split held as a uint8 tensor, not {kind}; use workers")
+        raise ConfigError(f"augment_backend=batched needs a split held as a uint8 tensor, not {kind}; use workers")
     if not fits:
-        raise ValueError(
+        raise ConfigError(
             f"augment_backend=batched: the train split ({dataset.images.numel() / 2**30:.2f} GiB) does not fit in "
             f"data.gpu_memory_fraction={memory_fraction} of the free memory of {device}; use workers or auto"
         )
@@ -74,6 +75,7 @@ class BatchedViews:
         seeds: Sequence[int],
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            # not user input: the protocol's own tensors
             raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         self.images, self.size, self.batch_size = images, size, batch_size
         device = images.device

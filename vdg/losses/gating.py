@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from vdg.core.errors import ConfigError
+
 BOUND_TARGETS = ("sqrt", "linear")
 BOUND_GRADIENTS = ("open", "all")
 
@@ -34,7 +36,7 @@ def bound_loss(density: Tensor, budget: float, p: float, weight: float = 1.0, ta
     density is pinned to s; as p -> 0 the bounds relax to [0, 1].
     """
     if target not in BOUND_TARGETS:
-        raise ValueError(f"unknown gating.bound_target {target!r}; allowed values: {list(BOUND_TARGETS)}")
+        raise ConfigError(f"unknown gating.bound_target {target!r}; allowed values: {list(BOUND_TARGETS)}")
     s = math.sqrt(budget) if target == "sqrt" else budget
     lower = torch.relu(p * s - density).pow(2)
     upper = torch.relu(density - 1 + p - p * s).pow(2)
@@ -54,7 +56,7 @@ def bound_channel_counts(masks: Sequence[Tensor], gradient: str = "open") -> Ten
     The FLOPs ratio of the budget loss always uses the sum (`BackboneOutput.active_channels`), as officially.
     """
     if gradient not in BOUND_GRADIENTS:
-        raise ValueError(f"unknown gating.bound_gradient {gradient!r}; allowed values: {list(BOUND_GRADIENTS)}")
+        raise ConfigError(f"unknown gating.bound_gradient {gradient!r}; allowed values: {list(BOUND_GRADIENTS)}")
     if gradient == "open":
         return torch.stack([torch.linalg.vector_norm(m, ord=1, dim=1) for m in masks], dim=1)
     return torch.stack([m.sum(dim=1) for m in masks], dim=1)

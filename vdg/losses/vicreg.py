@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vdg.core.errors import ConfigError
 from vdg.losses.distributed import gather_rows
 
 VARIANCE_REDUCTIONS = ("sum", "mean")
@@ -60,7 +61,7 @@ def vicreg_loss(
     precision-sensitive.
     """
     if variance_reduction not in VARIANCE_REDUCTIONS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown method.variance_reduction {variance_reduction!r}; allowed values: {list(VARIANCE_REDUCTIONS)}"
         )
     # .float() alone is not enough: autocast would run the covariance matmul in bf16 again (loss off by ~0.2%)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vdg.core.errors import ConfigError
 from vdg.methods.base import BaseMethod, StepOutput
 from vdg.methods.bt_dual import BTDual
 from vdg.methods.distill import DistillMethod
@@ -28,6 +29,7 @@ METHODS: dict[str, type[BaseMethod]] = {
 def register_method(cls: type[BaseMethod]) -> type[BaseMethod]:
     """Class decorator adding a method to `METHODS` under `cls.name` (the plugin API for new methods)."""
     if cls.name in METHODS and METHODS[cls.name] is not cls:
+        # not user input: a developer registering two methods under one name
         raise ValueError(f"a method named {cls.name!r} is already registered ({METHODS[cls.name].__name__})")
     METHODS[cls.name] = cls
     return cls
@@ -36,7 +38,7 @@ def register_method(cls: type[BaseMethod]) -> type[BaseMethod]:
 def build_method(cfg: Any) -> BaseMethod:
     name = cfg.method.name
     if name not in METHODS:
-        raise ValueError(f"unknown method.name {name!r}; allowed values: {sorted(METHODS)}")
+        raise ConfigError(f"unknown method.name {name!r}; allowed values: {sorted(METHODS)}")
     return METHODS[name](cfg)
 
 

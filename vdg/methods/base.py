@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from vdg.core.errors import ConfigError
 from vdg.losses import bound_annealing, bound_channel_counts, bound_loss, budget_loss
 from vdg.models import BackboneOutput, Branch, GatedResNet, network_cost
 from vdg.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, lars_param_groups, warmup_cosine
@@ -27,7 +28,7 @@ def sync_batchnorm_scope(value: Any) -> str:
     if value is True or value is False or value is None:
         return "all" if value else "none"
     if value not in SYNC_BATCHNORM_SCOPES:
-        raise ValueError(
+        raise ConfigError(
             f"unknown trainer.sync_batchnorm {value!r}; allowed values: {list(SYNC_BATCHNORM_SCOPES)} "
             "(true = all, false = none)"
         )
@@ -51,7 +52,7 @@ class StepOutput:
 def build_backbone(cfg: DictConfig, branches: tuple[Branch, ...]) -> GatedResNet:
     b = cfg.backbone
     if b.name != "resnet18":
-        raise ValueError(f"unknown backbone.name {b.name!r}; allowed values: ['resnet18']")
+        raise ConfigError(f"unknown backbone.name {b.name!r}; allowed values: ['resnet18']")
     return GatedResNet(
         width=int(b.width),
         stem=cfg.dataset.stem,
@@ -290,9 +291,9 @@ class BaseMethod(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         o, s = self.cfg.optimizer, self.cfg.scheduler
         if o.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer.name {o.name!r}; allowed values: {list(OPTIMIZERS)}")
+            raise ConfigError(f"unknown optimizer.name {o.name!r}; allowed values: {list(OPTIMIZERS)}")
         if s.name not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler.name {s.name!r}; allowed values: {list(SCHEDULERS)}")
+            raise ConfigError(f"unknown scheduler.name {s.name!r}; allowed values: {list(SCHEDULERS)}")
         scale = int(self.cfg.data.batch_size) / 256 if o.scale_lr else 1.0
         lr = float(o.lr) * scale
         modules = [(name, m) for name, m in self.named_children() if name != "probes"]

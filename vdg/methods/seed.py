@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vdg.core.errors import ConfigError
 from vdg.losses.distill import seed_loss
 from vdg.losses.distributed import gather_rows
 from vdg.methods.base import StepOutput
@@ -25,7 +26,7 @@ class EmbeddingQueue(nn.Module):
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         if size < 1:
-            raise ValueError(f"method.queue_size={size} must be >= 1")
+            raise ConfigError(f"method.queue_size={size} must be >= 1")
         self.size = size
         self.register_buffer("embeddings", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))

@@ -23,6 +23,7 @@ class TwoEncoders(nn.Module):
     def __init__(self, gated: GatedResNet, dense: GatedResNet) -> None:
         super().__init__()
         if gated.branches != (Branch.GATED,) or dense.branches != (Branch.DENSE,):
+            # not user input: how vdg_2x builds its encoders
             raise ValueError("TwoEncoders needs a gated-only and a dense-only GatedResNet")
         self.encoders = nn.ModuleList([gated, dense])
         self.branches = (Branch.DENSE, Branch.GATED)

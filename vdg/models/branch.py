@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from vdg.core.errors import ConfigError
+
 
 class Branch(str, Enum):
     """Which network a forward pass runs: the full dense network or the channel-gated sub-network."""
@@ -17,4 +19,4 @@ class Branch(str, Enum):
             return cls(value)
         except ValueError:
             allowed = [b.value for b in cls]
-            raise ValueError(f"unknown branch {value!r}; allowed values: {allowed}") from None
+            raise ConfigError(f"unknown branch {value!r}; allowed values: {allowed}") from None

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from vdg.core.errors import ConfigError
 from vdg.models.branch import Branch
 from vdg.models.gates import ChannelGate
 
@@ -79,6 +80,7 @@ class GatedBasicBlock(nn.Module):
         super().__init__()
         mid = planes if mid_planes is None else int(mid_planes)
         if mid < 1:
+            # not user input: block_widths are checked by GatedResNet first
             raise ValueError(f"a block needs at least one conv1 channel, got mid_planes={mid_planes}")
         self.in_planes, self.planes, self.mid_planes, self.stride = in_planes, planes, mid, stride
         self.conv1 = nn.Conv2d(in_planes, mid, 3, stride, 1, bias=False)
@@ -112,6 +114,7 @@ class BackboneOutput(NamedTuple):
     def active_channels(self) -> Tensor:
         """Active gated channels per sample and block, [N, num_blocks] (c_i of reference §1.8)."""
         if self.masks is None:
+            # not user input: a caller asking a dense output for masks
             raise ValueError("active_channels() needs a gated forward (branch='gated')")
         return torch.stack([m.sum(dim=1) for m in self.masks], dim=1)
 
@@ -150,20 +153,20 @@ class GatedResNet(nn.Module):
     ) -> None:
         super().__init__()
         if stem not in STEMS:
-            raise ValueError(f"unknown backbone stem {stem!r}; allowed values: {list(STEMS)}")
+            raise ConfigError(f"unknown backbone stem {stem!r}; allowed values: {list(STEMS)}")
         if bn_split not in BN_SPLITS:
-            raise ValueError(f"unknown backbone.bn_split {bn_split!r}; allowed values: {list(BN_SPLITS)}")
+            raise ConfigError(f"unknown backbone.bn_split {bn_split!r}; allowed values: {list(BN_SPLITS)}")
         if width < 4:
-            raise ValueError(f"backbone.width={width} must be >= 4")
+            raise ConfigError(f"backbone.width={width} must be >= 4")
         if block_widths is not None:
             block_widths = [int(w) for w in block_widths]
             if len(block_widths) != sum(layers) or min(block_widths) < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"backbone.block_widths={block_widths} must give {sum(layers)} positive conv1 widths, one per block"
                 )
         self.branches = tuple(dict.fromkeys(Branch.parse(b) for b in branches))
         if not self.branches:
-            raise ValueError("backbone.branches must name at least one of ['dense', 'gated']")
+            raise ConfigError("backbone.branches must name at least one of ['dense', 'gated']")
         self.stem_kind, self.width, self.bn_split = stem, width, bn_split
         self.block_widths = None if block_widths is None else tuple(block_widths)
         gated = Branch.GATED in self.branches
@@ -216,7 +219,7 @@ class GatedResNet(nn.Module):
     def forward(self, x: Tensor, branch: str | Branch = Branch.DENSE) -> BackboneOutput:
         branch = Branch.parse(branch)
         if branch not in self.branches:
-            raise ValueError(
+            raise ConfigError(
                 f"this backbone has no {branch.value!r} branch; it serves {[b.value for b in self.branches]}"
             )
         x = self.maxpool(torch.relu(self.bn1(self.conv1(x), branch)))

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from vdg.core.errors import ConfigError
 from vdg.models.gates import ChannelGate
 from vdg.optim.lars import LARS
 from vdg.optim.schedule import INTERVALS, SCHEDULERS, warmup_cosine
@@ -29,7 +30,7 @@ def build_optimizer(
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip_lr=clip_lr)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer.name {name!r}; allowed values: {list(OPTIMIZERS)}")
+    raise ConfigError(f"unknown optimizer.name {name!r}; allowed values: {list(OPTIMIZERS)}")
 
 
 def lars_param_groups(

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from vdg.core.errors import ConfigError
+
 
 class LARS(Optimizer):
     """SGD with momentum whose update of each tensor is rescaled by a LARS trust ratio.
@@ -39,7 +41,7 @@ class LARS(Optimizer):
         lars: bool = True,
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"invalid LARS hyper-parameters lr={lr} momentum={momentum} wd={weight_decay} eta={eta}"
             )
         defaults = dict(

@@ -237,5 +237,6 @@ def readme_block(figures_dir: str | Path, name: str = "table1_mini") -> str:
 def replace_readme_block(readme: str, block: str) -> str:
     start, end = readme.find(README_BEGIN), readme.find(README_END)
     if start < 0 or end < start:
+        # not user input: the maintainers' README tooling
         raise ValueError(f"the README has no table1_mini block ({README_BEGIN} ... {README_END})")
     return readme[:start] + block + readme[end + len(README_END):]

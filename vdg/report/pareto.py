@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from vdg.core.errors import RecordError
 from vdg.report.paper_results import DATASET_NAMES, PAPER_TABLES, CellKey, PaperValue
 from vdg.report.tables import BUDGET_TOL, load_results, record_key
 
@@ -199,7 +200,7 @@ def plot_pareto(results_dir: str | Path, out_dir: str | Path | None = None) -> l
     results_dir/plots. Raises ValueError when there is no such record."""
     ours = ours_points(load_results(results_dir))
     if not ours:
-        raise ValueError(
+        raise RecordError(
             f"no linear or k-NN result records under {results_dir}: evaluate a checkpoint first "
             "(scripts/linear_eval.py, scripts/knn_eval.py, or evaluate=[...] in pretraining)"
         )

@@ -112,6 +112,7 @@ def replace_table(readme: str, table: str) -> str:
     """`readme` with the text from `BEGIN` to `END` replaced by `table`."""
     start, end = readme.find(BEGIN), readme.find(END)
     if start < 0 or end < start:
+        # not user input: the maintainers' README tooling
         raise ValueError(f"the README has no quickstart figures block ({BEGIN} ... {END})")
     return readme[:start] + table + readme[end + len(END) :]
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from vdg.core.errors import ConfigError, RecordError
 from vdg.report.mini_table import (
     MINI_SPECS,
     MINI_TABLE_NAMES,
@@ -245,7 +246,7 @@ def load_results(results_dir: str | Path) -> list[Record]:
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"cannot parse result file {path}: {err}") from err
+            raise RecordError(f"cannot parse result file {path}: {err}") from err
         if isinstance(obj, dict) and "protocol" in obj:
             records.append(obj)
     return records
@@ -371,7 +372,7 @@ def _check_names(names: Iterable[str]) -> list[str]:
     names = list(names)
     unknown = [n for n in names if n not in SPECS and n not in MINI_SPECS]
     if unknown:
-        raise ValueError(f"unknown table(s) {', '.join(unknown)}; allowed: {', '.join(ALL_TABLES)}")
+        raise ConfigError(f"unknown table(s) {', '.join(unknown)}; allowed: {', '.join(ALL_TABLES)}")
     return names
 
 

@@ -58,7 +58,7 @@ def umap_embedding(features: Tensor, n_neighbors: int = 50, random_state: int = 
 
     n = features.shape[0]
     if n < 3:
-        raise ValueError(f"UMAP needs at least 3 samples, got {n}")
+        raise ConfigError(f"UMAP needs at least 3 samples, got {n}")
     k = min(n_neighbors, n - 1)
     reducer = umap.UMAP(
         n_components=2, n_neighbors=k, random_state=random_state, precomputed_knn=(*exact_knn(features, k), None)

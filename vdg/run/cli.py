@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from vdg.core.errors import ConfigError, Interrupted, VdgError
+from vdg.core.paths import CONFIG_DIR
 
 USER_ERROR_STATUS = 2
 
@@ -135,15 +136,23 @@ def exit_on_user_error(main: Any, *args: Any) -> Any:
     return report_user_errors(main)(*args)
 
 
-def command_line(argv: list[str]) -> list[str]:
-    """A Hydra script's arguments, checked before Hydra sees them: paths with '=' quoted (`quote_path_values`), and
-    an override Hydra's grammar cannot read reported as one line naming it (Hydra's own report is a lexer
-    message and a link)."""
+def command_line(argv: list[str], config_name: str | None = None) -> list[str]:
+    """A Hydra script's arguments, checked before Hydra sees them, so that every mistake in them is one `error:`
+    line with exit status 2 (Hydra's own report is a lexer message and a link, or several lines and exit 1):
+
+    - paths with '=' quoted (`quote_path_values`);
+    - every override read with Hydra's grammar;
+    - with `config_name`, the config composed once with them (an unknown group option or key), except for
+      multirun sweeps and Hydra's own flags, which Hydra composes per job.
+    """
+    from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
 
     argv = quote_path_values(argv)
     parser = OverridesParser.create()
+    overrides = []
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:  # flags (-m, --cfg job, ...) and their values
             continue
@@ -154,16 +163,41 @@ def command_line(argv: list[str]) -> list[str]:
             exit_with(ConfigError(
                 f"cannot read the override {arg!r} ({reason}); write key=value, and quote a value that holds "
                 f"brackets, braces, commas, quotes or spaces: 'key=\"...\"'"))
+        if not arg.lstrip("+~").startswith(("hydra.", "hydra/")):
+            overrides.append(arg)
+    if config_name is None or any(a.startswith("-") for a in argv):
+        return argv
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+    except MissingConfigException as err:
+        first = str(err).strip().splitlines()[0]
+        options = f"; allowed values: {sorted(err.options)}" if getattr(err, "options", None) else ""
+        exit_with(ConfigError(f"{first}{options}"))
+    except (HydraException, OmegaConfBaseException) as err:
+        unknown = re.match(r"Could not override '([^']+)'", str(err))
+        if unknown:
+            exit_with(ConfigError(unknown_key_message(unknown.group(1), config_name)))
+        exit_with(as_user_error(err) or ConfigError(str(err)))
     return argv
 
 
-def split_options(argv: list[str], defaults: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """Split `key=value` arguments into a script's own options (keys of `defaults`) and Hydra overrides."""
-    options, overrides = dict(defaults), []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in defaults:
-            options[key] = value
-        else:
-            overrides.append(arg)
-    return options, overrides
+def unknown_key_message(key: str, config_name: str) -> str:
+    """'unknown key K (did you mean ...?)', the suggestion drawn from the keys of the composed default config."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        defaults = OmegaConf.to_container(compose(config_name=config_name), resolve=False)
+
+    def keys(node: Any, prefix: str = "") -> list[str]:
+        if not isinstance(node, dict):
+            return [prefix[:-1]]
+        return [k for name, child in node.items() for k in keys(child, f"{prefix}{name}.")]
+
+    close = difflib.get_close_matches(key, keys(defaults), n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (f"unknown key {key}{hint}: configs/{config_name}.yaml and its groups have no such key; prefix it "
+            f"with + only to add a key of your own")

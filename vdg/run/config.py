@@ -17,13 +17,13 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vdg.core.errors import ConfigError
+from vdg.core.paths import CONFIG_DIR
 from vdg.data.datasets import DATASETS
 from vdg.data.gpu_module import BACKENDS
 from vdg.models.resnet import BN_SPLITS, STEMS
 from vdg.optim import INTERVALS, OPTIMIZERS, SCHEDULERS
 
 RESUME_MODES = ("auto", "never", "extend")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 MAX_SEED = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything enforces (by picking another seed)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "bf16-true", "16-true", "64-true",
@@ -444,7 +444,12 @@ def validate_pretrain_config(cfg: Any) -> list[DictConfig]:
     """
     budget = cfg.get("budget")
     _require(
-        is_number(budget) and 0 < budget <= 1,
+        is_number(budget),
+        f"budget={budget!r} must be a number in (0, 1]: budget is t_d, the gated network's target FLOPs ratio "
+        "(e.g. budget=0.3)",
+    )
+    _require(
+        0 < budget <= 1,
         f"budget={budget!r} is outside (0, 1]: budget is t_d, the gated network's target FLOPs ratio "
         "(e.g. budget=0.3)",
     )
