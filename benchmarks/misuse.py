@@ -1270,7 +1270,7 @@ for script, args, pattern in [
     ("linear_eval", ["eval=nope"], r"eval/nope.*allowed values"),
     ("export", ["branch=[gated"], r"cannot read the override"),
     ("export", ["brnch=gated"], r"unknown key brnch .*did you mean branch"),
-    ("flops", ["'ckpt={a'"], r"cannot read the override"),
+    ("flops", ["ckpt={a"], r"cannot read the override 'ckpt={a'"),
     ("umap_plot", ["max_sample=5"], r"unknown key max_sample .*did you mean max_samples"),
 ]:
     user_error_case("11 grammar and values", f"{script} " + " ".join(args), script, args, pattern, ckpt=True)

@@ -464,9 +464,10 @@ def check_bench_config(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
     from vdg.core.errors import ConfigError
+    from vdg.core.options import check_choice, check_int, check_known_keys, check_number, check_str
+    from vdg.core.paths import CONFIG_DIR
     from vdg.data.datasets import SPLITS
     from vdg.models.resnet import STEMS
-    from vdg.run.config import CONFIG_DIR, check_choice, check_int, check_known_keys, check_number, check_str
 
     config = CONFIG_DIR / "bench_inference.yaml"
     if config.is_file():

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from vdg.core.errors import CheckpointError
+from vdg.core.options import check_bool, check_choice
 from vdg.deploy.sparse import FoldedResNet
 from vdg.models import BackboneOutput, Branch, GatedResNet
 from vdg.run.checkpoint import load_method, read_checkpoint, require_branch
-from vdg.run.config import check_bool, check_choice
 
 EXPORT_FORMAT = "vdg-backbone"
 EXECUTIONS = ("masked", "folded", "sparse")  # how `load_backbone` runs a network; see its docstring
@@ -249,7 +249,8 @@ def check_export_config(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
     from vdg.core.errors import ConfigError
-    from vdg.run.config import CONFIG_DIR, check_data_overrides, check_known_keys, check_str
+    from vdg.core.options import check_data_overrides, check_known_keys, check_str
+    from vdg.core.paths import CONFIG_DIR
 
     for key, what in (("ckpt", "ckpt=PATH: the pretraining checkpoint"), ("branch", "branch=dense|gated")):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:

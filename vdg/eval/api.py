@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from vdg.core.errors import ConfigError
-from vdg.eval.protocols import CONFIG_DIR, PROTOCOLS, run_evaluation
+from vdg.core.paths import CONFIG_DIR
+from vdg.eval.protocols import PROTOCOLS, run_evaluation
 
 CONFIG_NAMES = {"linear": "linear_eval", "transfer": "linear_eval", "knn": "knn_eval"}
 

@@ -103,15 +103,8 @@ def check_eval_config(cfg: DictConfig, need_checkpoint: bool = True) -> None:
     Types are strict (epochs=2.5 or runs=true are refused, never truncated); need_checkpoint=False checks an
     evaluation chained after pretraining, whose checkpoint does not exist yet.
     """
+    from vdg.core.options import check_bool, check_data_overrides, check_int, check_known_keys, check_number, check_str
     from vdg.methods import METHODS
-    from vdg.run.config import (
-        check_bool,
-        check_data_overrides,
-        check_int,
-        check_known_keys,
-        check_number,
-        check_str,
-    )
 
     if need_checkpoint and (OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt):
         raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to evaluate")

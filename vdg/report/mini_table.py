@@ -21,11 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from vdg.report.paper_results import PAPER_TABLES, CellKey
+from vdg.report.records import BUDGET_TOL, MISSING, Record, load_results
 
-Record = dict[str, Any]
-MISSING = "—"
 PAPER_WIDTH = 64
-BUDGET_TOL = 1e-4
 
 
 def reduced_scale(record: Record) -> bool:
@@ -227,8 +225,6 @@ def collect_sweep(sweep_dir: str | Path, figures_dir: str | Path) -> list[Path]:
 
 def readme_block(figures_dir: str | Path, name: str = "table1_mini") -> str:
     """The README's block: the reduced-scale table rendered from the records in `figures_dir`, between markers."""
-    from vdg.report.tables import load_results
-
     text = render_mini_markdown(build_mini_table(name, load_results(figures_dir)))
     body = text.split("\n", 2)[2].rstrip("\n")  # without the "### title" line: the README gives its own heading
     return f"{README_BEGIN}\n{body}\n{README_END}"

@@ -24,7 +24,8 @@ from matplotlib.figure import Figure
 
 from vdg.core.errors import RecordError
 from vdg.report.paper_results import DATASET_NAMES, PAPER_TABLES, CellKey, PaperValue
-from vdg.report.tables import BUDGET_TOL, load_results, record_key
+from vdg.report.records import BUDGET_TOL, load_results
+from vdg.report.tables import record_key
 
 # protocol panel -> the paper tables with its numbers (Table 3's gated rows print no FLOPs reduction)
 PAPER_PANELS: dict[str, tuple[str, ...]] = {"linear": ("table1",), "knn-k1-euclidean": ("table4", "table5", "table6")}

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from vdg.core.errors import ConfigError, RecordError
+from vdg.core.errors import ConfigError
 from vdg.report.mini_table import (
     MINI_SPECS,
     MINI_TABLE_NAMES,
@@ -46,13 +44,11 @@ from vdg.report.paper_results import (
     CellKey,
     PaperValue,
 )
+from vdg.report.records import BUDGET_TOL, MISSING, Record, load_results
 
-MISSING = "—"  # no matching run, or no number printed in the paper
-BUDGET_TOL = 1e-4  # t_d 0.3 and 0.30000001 are the same budget
 # Every table make_tables renders: the paper's (full-scale records only) and the reduced-scale ones (mini_table)
 ALL_TABLES: tuple[str, ...] = (*TABLE_NAMES, *MINI_TABLE_NAMES)
 
-Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -231,25 +227,6 @@ SPECS: dict[str, TableSpec] = {
         knn_distance="euclidean",
     ),
 }
-
-
-def load_results(results_dir: str | Path) -> list[Record]:
-    """Every `*.json` under `results_dir` (recursively) whose top-level object has a "protocol" key.
-
-    Other JSON files are skipped; a file that is not valid JSON raises ValueError naming it.
-    """
-    root = Path(results_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"results directory not found: {root}")
-    records = []
-    for path in sorted(root.rglob("*.json")):
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RecordError(f"cannot parse result file {path}: {err}") from err
-        if isinstance(obj, dict) and "protocol" in obj:
-            records.append(obj)
-    return records
 
 
 def record_key(record: Record) -> CellKey:

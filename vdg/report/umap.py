@@ -17,11 +17,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from vdg.core.errors import ConfigError
+from vdg.core.paths import CONFIG_DIR
 from vdg.data.module import eval_loader
 from vdg.eval.features import extract_features
 from vdg.eval.protocols import (
     BRANCH_CHOICES,
-    CONFIG_DIR,
     IMAGE_STATS,
     data_config,
     eval_dataset,
@@ -81,8 +81,8 @@ def spread_subset(n: int, size: int | None) -> list[int]:
 
 def check_umap_config(cfg: DictConfig) -> None:
     """Every option, the output folder's permissions included, before the checkpoint is even read."""
+    from vdg.core.options import check_int, check_known_keys, check_str
     from vdg.eval.protocols import check_device
-    from vdg.run.config import check_int, check_known_keys, check_str
     from vdg.run.rundir import check_writable
 
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
