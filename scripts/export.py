@@ -11,12 +11,16 @@ slim=true) and prints their paths; load them with `vdg.load_backbone(path)`. A t
 
 import json
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vdg.deploy.export import check_export_config, export_backbone
 from vdg.run.cli import USER_ERRORS, command_line, exit_with, report_user_errors
+
+SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
+
 
 
 @hydra.main(config_path="../configs", config_name="export", version_base="1.3")
@@ -42,5 +46,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "export")]  # ckpt=.../epoch=0009.ckpt needs no quoting
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "export", SCRIPT_CONFIGS)]  # checks, quotes paths
     main()

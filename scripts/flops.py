@@ -7,12 +7,16 @@ ratio of sparse over dense execution next to the FLOPs ratio (vdg.deploy.bench).
 
 import json
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from vdg.report.flops import flops_summary
 from vdg.run.cli import command_line, report_user_errors
+
+SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
+
 
 
 @hydra.main(config_path="../configs", config_name="flops", version_base="1.3")
@@ -23,5 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "flops")]  # ckpt=.../epoch=0009.ckpt needs no quoting
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "flops", SCRIPT_CONFIGS)]  # checks, quotes paths
     main()

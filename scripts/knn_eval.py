@@ -10,6 +10,7 @@ json=true. A thin wrapper over `vdg.eval.protocols.evaluate`.
 
 import json
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -17,6 +18,9 @@ from omegaconf import DictConfig
 from vdg.eval.protocols import evaluate
 from vdg.eval.summary import summary_lines
 from vdg.run.cli import command_line, report_user_errors
+
+SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
+
 
 
 @hydra.main(config_path="../configs", config_name="knn_eval", version_base="1.3")
@@ -30,5 +34,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "knn_eval")]  # ckpt=.../epoch=0009.ckpt needs no quoting
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "knn_eval", SCRIPT_CONFIGS)]  # checks, quotes paths
     main()

@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -26,6 +27,9 @@ from omegaconf import DictConfig  # noqa: E402
 from vdg.eval.protocols import evaluate  # noqa: E402
 from vdg.eval.summary import summary_lines  # noqa: E402
 from vdg.run.cli import command_line, report_user_errors  # noqa: E402
+
+SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
+
 
 
 @hydra.main(config_path="../configs", config_name="linear_eval", version_base="1.3")
@@ -39,5 +43,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "linear_eval")]  # ckpt=.../epoch=0009.ckpt needs no quoting
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "linear_eval", SCRIPT_CONFIGS)]  # checks, quotes paths
     main()

@@ -17,7 +17,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from vdg.core.paths import CONFIG_DIR
 from vdg.run.cli import command_line, report_user_errors
 
 
@@ -45,6 +44,7 @@ def missing_teacher(cfg: DictConfig) -> bool:
 
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
+SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
@@ -62,7 +62,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     task = [o.input_line for o in parsed if not o.is_hydra_override()]
     fixed = [o.input_line for o in parsed if not o.is_sweep_override() and o.input_line in task]
     fixed += [o.input_line for o in parsed if o.is_hydra_override() and o.key_or_group.startswith("hydra.sweeper.")]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(SCRIPT_CONFIGS), version_base="1.3"):
         cfg = compose(config_name="pretrain", overrides=fixed, return_hydra_config=True)
     params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.params or {}).items()]
     (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides([*params, *task]), None)
@@ -87,7 +87,7 @@ def sweep_dry_run(argv: list[str]) -> bool:
     if not dry or dry[-1].is_sweep_override() or dry[-1].value() is not True:
         return False
     jobs, skipped = sweep_jobs(overrides), 0
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(SCRIPT_CONFIGS), version_base="1.3"):
         for job in jobs:
             cfg = compose(config_name="pretrain", overrides=job)
             if skip_rule(cfg) is not None:
@@ -133,6 +133,8 @@ def anchor_paths(cfg: DictConfig) -> None:
             OmegaConf.update(cfg, key, to_absolute_path(value))
 
 
+
+
 @hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
 @report_user_errors  # vdg's errors, Hydra's and OmegaConf's: one `error:` line, exit 2 (a stopped run: 130)
 def main(cfg: DictConfig) -> None:
@@ -166,6 +168,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "pretrain")]
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "pretrain", SCRIPT_CONFIGS)]
     if not sweep_dry_run(sys.argv[1:]):
         main()

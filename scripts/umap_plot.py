@@ -9,6 +9,7 @@ A thin wrapper over `vdg.report.umap.umap_plot`.
 
 import json
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -16,6 +17,9 @@ from omegaconf import DictConfig
 from vdg.eval.summary import display_path
 from vdg.report.umap import umap_plot
 from vdg.run.cli import command_line, report_user_errors
+
+SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
+
 
 
 @hydra.main(config_path="../configs", config_name="umap", version_base="1.3")
@@ -32,5 +36,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "umap")]  # ckpt=.../epoch=0009.ckpt needs no quoting
+    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "umap", SCRIPT_CONFIGS)]  # checks, quotes paths
     main()

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from vdg.core.errors import ConfigError, Interrupted, VdgError
@@ -136,14 +137,15 @@ def exit_on_user_error(main: Any, *args: Any) -> Any:
     return report_user_errors(main)(*args)
 
 
-def command_line(argv: list[str], config_name: str | None = None) -> list[str]:
+def command_line(argv: list[str], config_name: str | None = None, config_dir: str | Path | None = None) -> list[str]:
     """A Hydra script's arguments, checked before Hydra sees them, so that every mistake in them is one `error:`
     line with exit status 2 (Hydra's own report is a lexer message and a link, or several lines and exit 1):
 
     - paths with '=' quoted (`quote_path_values`);
     - every override read with Hydra's grammar;
     - with `config_name`, the config composed once with them (an unknown group option or key), except for
-      multirun sweeps and Hydra's own flags, which Hydra composes per job.
+      multirun sweeps and Hydra's own flags, which Hydra composes per job. `config_dir` is the folder the
+      script's @hydra.main reads (a fork's own configs/), vdg's configs/ by default.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -168,7 +170,7 @@ def command_line(argv: list[str], config_name: str | None = None) -> list[str]:
     if config_name is None or any(a.startswith("-") for a in argv):
         return argv
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base="1.3"):
             compose(config_name=config_name, overrides=overrides)
     except MissingConfigException as err:
         first = str(err).strip().splitlines()[0]
@@ -177,19 +179,19 @@ def command_line(argv: list[str], config_name: str | None = None) -> list[str]:
     except (HydraException, OmegaConfBaseException) as err:
         unknown = re.match(r"Could not override '([^']+)'", str(err))
         if unknown:
-            exit_with(ConfigError(unknown_key_message(unknown.group(1), config_name)))
+            exit_with(ConfigError(unknown_key_message(unknown.group(1), config_name, config_dir or CONFIG_DIR)))
         exit_with(as_user_error(err) or ConfigError(str(err)))
     return argv
 
 
-def unknown_key_message(key: str, config_name: str) -> str:
+def unknown_key_message(key: str, config_name: str, config_dir: str | Path = CONFIG_DIR) -> str:
     """'unknown key K (did you mean ...?)', the suggestion drawn from the keys of the composed default config."""
     import difflib
 
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         defaults = OmegaConf.to_container(compose(config_name=config_name), resolve=False)
 
     def keys(node: Any, prefix: str = "") -> list[str]:
@@ -201,3 +203,15 @@ def unknown_key_message(key: str, config_name: str) -> str:
     hint = f" (did you mean {close[0]}?)" if close else ""
     return (f"unknown key {key}{hint}: configs/{config_name}.yaml and its groups have no such key; prefix it "
             f"with + only to add a key of your own")
+
+
+def split_options(argv: list[str], defaults: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Split `key=value` arguments into a script's own options (keys of `defaults`) and Hydra overrides."""
+    options, overrides = dict(defaults), []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in defaults:
+            options[key] = value
+        else:
+            overrides.append(arg)
+    return options, overrides
