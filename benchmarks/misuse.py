@@ -1241,7 +1241,7 @@ UNSET = "MISUSE_SURELY_UNSET_VARIABLE"
 for args, pattern in [
     (["budget=["], r"cannot read the override 'budget=\['"),
     (["budget=0.3)"], r"cannot read the override"),
-    (["'data.batch_size=[1,2'"], r"cannot read the override"),
+    (["data.batch_size=[1,2"], r"cannot read the override 'data.batch_size=\[1,2'"),
     (["trainer.max_epochs=${oc.env:" + UNSET + "}"], UNSET),
     (["run_dir=${nowhere}"], r"nowhere"),
     (["budget=${oc.env:HOME}"], r"budget=.*must be a number"),
