@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from vdg.core.errors import ConfigError
-from vdg.losses import bound_annealing, bound_channel_counts, bound_loss, budget_loss
+from vdg.losses import bound_annealing, bound_channel_counts, bound_loss, budget_loss, rankme
 from vdg.models import BackboneOutput, Branch, GatedResNet, network_cost
 from vdg.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, lars_param_groups, warmup_cosine
 
@@ -64,6 +64,11 @@ def build_backbone(cfg: DictConfig, branches: tuple[Branch, ...]) -> GatedResNet
         zero_init_residual=bool(b.zero_init_residual),
         block_widths=None if b.get("block_widths") is None else [int(w) for w in b.block_widths],
     )
+
+
+# Validation images per process whose features give RankMe; the paper uses ~25k, and the features are kept until
+# the epoch ends (10k x 512 floats = 20 MB at width 64).
+RANKME_SAMPLES = 10_000
 
 
 def online_probe(feature_dim: int, num_classes: int, batchnorm: bool) -> nn.Module:
@@ -212,11 +217,18 @@ class BaseMethod(pl.LightningModule):
         if self.backbone.gated:
             self.log("train/bound_p", self.bound_p, on_step=False, on_epoch=True)
 
+    def on_validation_epoch_start(self) -> None:
+        self._rank_features: dict[Branch, list[Tensor]] = {branch: [] for branch in self.branches}
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, targets = batch
         metrics: dict[str, Tensor] = {}
+        ranked = getattr(self, "_rank_features", {})  # filled between on_validation_epoch_start and _end
+        kept = sum(len(f) for f in ranked.get(self.branches[0], []))
         for branch in self.branches:
             out = self.encode(images, branch)
+            if branch in ranked and kept < RANKME_SAMPLES:
+                ranked[branch].append(out.features.detach()[: RANKME_SAMPLES - kept])
             if branch.value in self.probes:
                 logits = self.probes[branch.value](out.features)
                 metrics[f"val/acc_{branch.value}"] = (logits.argmax(1) == targets).float().mean() * 100
@@ -226,6 +238,15 @@ class BaseMethod(pl.LightningModule):
                 for i, d in enumerate(self.cost.channel_density(active).unbind()):
                     metrics[f"val/density_block{i}"] = d
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=targets.shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """RankMe of each branch's backbone features over the validation images (up to `RANKME_SAMPLES` per
+        process): a label-free sign of learning, and of collapse (val/rankme_<branch>, averaged over processes)."""
+        for branch, parts in getattr(self, "_rank_features", {}).items():
+            if parts:
+                self.log(f"val/rankme_{branch.value}", rankme(torch.cat(parts)), on_step=False, on_epoch=True,
+                         sync_dist=True)
+        self._rank_features = {}
 
     def configure_model(self) -> None:
         """Prepare the model for the Trainer's processes, before DDP wraps it and builds its gradient buckets.

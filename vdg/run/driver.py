@@ -392,6 +392,9 @@ def training_summary(
         "mean_seconds_per_epoch": sum(timer.durations) / len(timer.durations) if timer.durations else None,
         # online probes: a training monitor, fit on augmented views while the encoder changes (see describe_summary)
         "probe_acc": {b.value: _metric(metrics, f"val/acc_{b.value}") for b in model.branches},
+        # RankMe of each branch's backbone features on the validation images: label-free, 1 = collapsed
+        "rankme": {b.value: _metric(metrics, f"val/rankme_{b.value}") for b in model.branches},
+        "feature_dim": int(model.backbone.feature_dim),
         "flops_ratio_train": _metric(metrics, "train/flops_ratio"),
         "flops_ratio_val": ratio,
         "flops_reduction_val": None if ratio is None else 1 - ratio,
@@ -453,6 +456,13 @@ def describe_summary(summary: dict[str, Any]) -> str:
                 "same design, tracks the offline linear accuracy over hundreds of epochs). Report k-NN or "
                 "scripts/linear_eval.py, not the probes."
             )
+    ranks = {k: v for k, v in (summary.get("rankme") or {}).items() if v is not None}
+    if ranks:
+        lines.append(
+            "effective rank (RankMe) of the backbone features on the validation images, of "
+            f"{summary.get('feature_dim', 'the')} dimensions; 1 = collapsed: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in ranks.items())
+        )
     if summary.get("evaluations"):
         from vdg.eval.summary import record_line
 
