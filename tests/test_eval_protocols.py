@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import statistics
 import subprocess
@@ -412,3 +413,41 @@ def test_scripts_report_bad_input_in_one_line(tmp_path):
         run_script_here("knn_eval.py", f"ckpt={missing}")
     with pytest.raises(SystemExit, match=r"^error: unknown target 'mnist'; allowed values: \["):
         run_script_here("linear_eval.py", f"ckpt={missing}", "eval=transfer", "target=mnist")
+
+
+# ----- the random-init reference -----------------------------------------------------------------------------------
+def test_knn_records_the_random_init_reference_of_the_same_architecture(ckpts, tmp_path):
+    before = torch.random.get_rng_state()
+    records = evaluate_checkpoint(ckpts["vdg"], "knn", results_dir=str(tmp_path), random_init_seeds=[3, 4])
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is left alone
+    model = load_method(ckpts["vdg"])
+    for record in records:
+        runs = []
+        for seed in (3, 4):  # what the reference must be: a fresh backbone built as the model builds its own
+            torch.manual_seed(seed)
+            backbone = model.build_backbone(model.cfg).eval()
+            train, test = (extract_features(backbone, eval_loader(model.cfg, split, 16), record["branch"])
+                           for split in ("train", "test"))
+            runs.append(knn_accuracy(train.features, train.labels, test.features, test.labels))
+        assert record["random_init"] == {"top1_mean": pytest.approx(sum(runs) / 2), "top1_runs": pytest.approx(runs),
+                                         "seeds": [3, 4]}
+        assert record["over_random_init"] == pytest.approx(record["value"] - sum(runs) / 2)
+    again = evaluate_checkpoint(ckpts["vdg"], "knn", results_dir=str(tmp_path), random_init_seeds=[3, 4])
+    assert [r["random_init"] for r in again] == [r["random_init"] for r in records]  # seeded
+
+
+def test_random_init_reference_can_be_turned_off_and_refuses_bad_seeds(ckpts, tmp_path):
+    (record,) = evaluate_checkpoint(ckpts["vicreg"], "knn", results_dir=str(tmp_path), random_init_seeds=[])
+    assert "random_init" not in record and "over_random_init" not in record
+    with pytest.raises(ConfigError, match=r"random_init_seeds=.*list of init seeds"):
+        evaluate_checkpoint(ckpts["vicreg"], "knn", results_dir=str(tmp_path), random_init_seeds=[-1])
+
+
+def test_knn_script_prints_the_trained_figure_and_the_reference_on_one_line(ckpts, tmp_path):
+    result = subprocess.run([sys.executable, "scripts/knn_eval.py", f"ckpt={ckpts['vdg']}", f"results_dir={tmp_path}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip().startswith(("dense", "gated"))]
+    assert len(lines) == 2
+    for line in lines:
+        assert re.search(r"top-1 \d+\.\d\d%  [+-]\d+\.\d\d over random init \(\d+\.\d\d%, 3 seeds\)", line), line

@@ -143,3 +143,14 @@ def test_summary_paths_are_absolute_when_called_from_code(tiny_cfg, monkeypatch,
     result = pretrain(cfg)
     assert result["checkpoint"] == str(tmp_path / "relative/run/checkpoints/last.ckpt")
     assert result["run_dir"] == str(tmp_path / "relative/run") and result["resumed_from"] is None
+
+
+def test_final_knn_reports_the_random_init_reference_in_summary_and_print(tiny_cfg):
+    summary = pretrain(tiny_cfg("final_knn.enabled=true", "final_knn.random_init_seeds=[0,1]"))
+    knn = summary["knn"]
+    for branch in ("dense", "gated"):
+        reference = knn["random_init"][branch]
+        assert reference["seeds"] == [0, 1] and len(reference["top1_runs"]) == 2
+        assert reference["over"] == pytest.approx(knn[branch] - reference["top1_mean"])
+    line = next(x for x in describe_summary(summary).splitlines() if x.startswith("k-NN"))
+    assert line.count("over random init") == 2 and "2 init seeds" in line

@@ -22,6 +22,7 @@ from vdg.data.module import eval_loader
 from vdg.eval.features import Features, channels_last, eval_mode, extract_branches, extract_features, gate_report
 from vdg.eval.knn import DISTANCES, WEIGHTINGS, knn_accuracy
 from vdg.eval.linear import LinearProtocol, train_linear_on_features, train_linear_runs
+from vdg.eval.reference import check_seeds, random_init_knn, reference_fields
 from vdg.eval.results import accuracy_fields, base_record, result_filename, results_dir, write_json
 from vdg.eval.summary import EpochProgress, describe_knn, describe_linear
 from vdg.eval.views import (
@@ -129,6 +130,7 @@ def check_eval_config(cfg: DictConfig, need_checkpoint: bool = True) -> None:
         check_int("k", cfg.k, 1)
         check_number("temperature", cfg.temperature, 0, low_open=True)
         check_bool("normalize", cfg.normalize)
+        check_seeds("random_init_seeds", cfg.get("random_init_seeds", []))
     else:
         check_int("epochs", cfg.epochs, 1)
         check_number("lr", cfg.lr, 0, low_open=True)
@@ -340,6 +342,15 @@ class Evaluation:
             fields = {**accuracy_fields([top1], []), **options, "normalize": bool(c.normalize)}
             fields.update(num_train=len(train[branch]), num_test=len(test[branch]), description=description)
             out[branch] = (fields, test[branch])
+        seeds = check_seeds("random_init_seeds", c.get("random_init_seeds", []))
+        if seeds:
+            reference = random_init_knn(
+                self.model, self.branches, self.loader("train"), self.loader("test"), self.device, seeds,
+                temperature=float(c.temperature), normalize=bool(c.normalize), **options,
+            )
+            for branch in self.branches:
+                fields = out[branch][0]
+                fields.update(reference_fields(fields["value"], reference[branch], seeds))
         return out
 
     def describe_linear(self, num_train: int, num_test: int, augment: bool) -> str:

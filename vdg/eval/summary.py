@@ -106,6 +106,10 @@ def record_line(record: dict[str, Any]) -> str:
     accuracy = f"top-1 {record['value']:.2f}%"
     if len(runs) > 1:
         accuracy = f"top-1 {record['value']:.2f} ± {record['std']:.2f}% ({len(runs)} runs)"
+    if record.get("random_init"):
+        reference = record["random_init"]
+        accuracy += (f"  {record['over_random_init']:+.2f} over random init ({reference['top1_mean']:.2f}%, "
+                     f"{len(reference['seeds'])} seeds)")
     return f"{record['branch']:<5}  {accuracy}  {_flops_text(record)}".rstrip()
 
 

@@ -30,6 +30,7 @@ from vdg.core.options import (
 from vdg.core.paths import CONFIG_DIR
 from vdg.data.datasets import DATASETS
 from vdg.data.gpu_module import BACKENDS
+from vdg.eval.reference import check_seeds
 from vdg.models.resnet import BN_SPLITS, STEMS
 from vdg.optim import INTERVALS, OPTIMIZERS, SCHEDULERS
 
@@ -299,6 +300,7 @@ def check_run(cfg: DictConfig) -> None:
     from vdg.eval.knn import DISTANCES
 
     check_choice("final_knn.distance", knn.distance, DISTANCES)
+    check_seeds("final_knn.random_init_seeds", knn.get("random_init_seeds", []))
     if "logger" in cfg and cfg.logger is not None:
         from vdg.run.logging import LOGGERS
 

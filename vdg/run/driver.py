@@ -26,6 +26,7 @@ from vdg.core.errors import ConfigError, Interrupted, StorageError
 from vdg.data import PretrainDataModule
 from vdg.data.datasets import build_dataset
 from vdg.data.module import eval_loader
+from vdg.eval.reference import random_init_knn, reference_fields
 from vdg.methods import METHODS, BaseMethod, build_method
 from vdg.methods.base import sync_batchnorm_scope
 from vdg.models import Branch
@@ -110,6 +111,14 @@ def final_knn(model: BaseMethod, cfg: DictConfig) -> dict[str, Any]:
                 report = gate_report(test.active_channels, model.cost)
                 result["flops_ratio"] = report["flops_ratio"]
                 result["flops_reduction"] = report["flops_reduction"]
+        seeds = [int(s) for s in cfg.final_knn.get("random_init_seeds", [])]
+        if seeds:
+            reference = random_init_knn(model, model.branches, train_loader, test_loader, device, seeds, k=k,
+                                        distance=distance)
+            result["random_init"] = {}  # per branch: top1_mean, top1_runs, seeds, over_random_init
+            for branch, runs in reference.items():
+                fields = reference_fields(result[branch.value], runs, seeds)
+                result["random_init"][branch.value] = {**fields["random_init"], "over": fields["over_random_init"]}
     finally:
         model.backbone.to(previous)
     return result
@@ -419,6 +428,14 @@ def _shown_path(path: str) -> str:
         return path
 
 
+def over_random_init(reference: dict[str, Any] | None) -> str:
+    """' (+12.3 over random init 75.0%)', or '' without a reference."""
+    if not reference:
+        return ""
+    seeds = len(reference["seeds"])
+    return f" ({reference['over']:+.2f} over random init {reference['top1_mean']:.2f}%, {seeds} init seeds)"
+
+
 def describe_summary(summary: dict[str, Any]) -> str:
     """A few human-readable lines about a finished run: what ran, its accuracy and cost, and what to run next."""
     steps = f" ({summary['steps']} steps)" if summary.get("steps") else ""
@@ -435,7 +452,10 @@ def describe_summary(summary: dict[str, Any]) -> str:
         )
     knn = summary.get("knn")
     if knn:
-        accs = ", ".join(f"{b} {knn[b]:.2f}%" for b in ("dense", "gated") if b in knn)
+        reference = knn.get("random_init") or {}
+        accs = ", ".join(
+            f"{b} {knn[b]:.2f}%{over_random_init(reference.get(b))}" for b in ("dense", "gated") if b in knn
+        )
         lines.append(f"k-NN (k={knn['k']}, {knn['distance']}) top-1 on the test split: {accs}")
         if "flops_reduction" in knn:
             lines.append(
