@@ -1,8 +1,9 @@
-"""Shared plumbing of the thin scripts in scripts/: which errors are the user's, option splitting, and paths
-with '=' on the command line.
+"""Shared plumbing of the thin scripts in scripts/: the boundary where every user error becomes one `error:` line
+with exit status 2 (vdg's own `VdgError`s, and Hydra's, OmegaConf's and the file system's errors caused by the
+command line), the command line checked before Hydra reads it, option splitting, paths with '=' quoted.
 
 No science and no config defaults here; each script keeps its own options. Importing this module is cheap
-(no torch): `USER_ERRORS` imports the error types on first use, so a sweep's dry run stays fast.
+(no torch): Lightning's and Hydra's error types are imported on first use, so a sweep's dry run stays fast.
 """
 
 from __future__ import annotations
