@@ -21,6 +21,7 @@ from vdg.deploy.bench import (
     interleaved_times,
     measure,
 )
+from vdg.deploy.sparse import AUTO_NATIVE_ISAS
 from vdg.report.flops import flops_summary
 from vdg.run.config import ConfigError
 
@@ -43,6 +44,8 @@ def run_script(*overrides: str) -> None:
 
 def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp_path):
     setup = calibrated_setup(4, "cifar", 32, 0.5, num_images=3, calibration_images=32, seed=0)
+    torch.set_num_threads(2)
+    threads_before = torch.get_num_threads()
     result = measure(setup, batch_size=2, threads=1, rounds=2, warmup=0)
     assert all(key in result for key in REQUIRED)
     assert {f"{name}_ms" for name in EXECUTIONS} <= set(result) and all(result[f"{n}_ms"] > 0 for n in EXECUTIONS)
@@ -50,8 +53,12 @@ def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp
     for network in ("dense", "slim"):  # a network's latency is the faster of its two engines
         assert result[f"{network}_ms"] <= max(result[f"{network}_onednn_ms"], result[f"{network}_native_ms"])
         assert result["engines"][network] in ("onednn", "native")
-    assert result["kernel"] == "native" and 0 < result["latency_ratio"]
-    assert result["kernel_avx512"] == native.uses_avx512()
+    auto = "native" if native.kernel_isa() in AUTO_NATIVE_ISAS else "torch"  # VDG_KERNEL_ISA=portable: torch
+    assert result["kernel"] == auto and 0 < result["latency_ratio"]
+    assert torch.get_num_threads() == threads_before  # measure(threads=1) restored the caller's thread count
+    assert result["kernel_isa"] == (native.kernel_isa() if auto == "native" else None)
+    assert result["cpu_isa"] == native.cpu_isa()
+    assert result["cpu"] and result["onednn_isa"] != "unknown" and result["aten_isa"]
     assert result["max_rel_diff"] <= 1e-4 and 0 < result["flops_ratio"] < 1
     assert len(result["plan"]) == 8 and len(result["slim_widths"]) == 8 and result["images"] == 3
     path = append_row(result, tmp_path / "inference.md")

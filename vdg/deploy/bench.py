@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +205,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+_ONEDNN_PROBE = (
+    "import torch, torch.nn.functional as F; "
+    "F.conv2d(torch.randn(1, 8, 8, 8).to_mkldnn(), torch.randn(8, 8, 3, 3).to_mkldnn(), padding=1)"
+)
+
+
+def onednn_isa() -> str:
+    """The instruction set oneDNN dispatches to in this environment (it honours `ONEDNN_MAX_CPU_ISA`), as its
+    verbose mode names it, e.g. "Intel AVX2": read from a child process's ONEDNN_VERBOSE info line, since oneDNN
+    prints it once per process, to the C stdout. "unknown" if it cannot be read."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _ONEDNN_PROBE],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "ONEDNN_VERBOSE": "1"},
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    for line in result.stdout.splitlines():
+        if ",isa:" in line:
+            return line.split(",isa:", 1)[1].strip()
+    return "unknown"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -242,7 +267,25 @@ def measure(
         raise ValueError(f"unknown plan={plan!r}; allowed values: {list(PLANS)}")
     if batch_size < 1 or threads < 1 or rounds < 1:
         raise ValueError(f"batch_size={batch_size}, threads={threads}, rounds={rounds} must be >= 1")
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _measure(setup, batch_size, threads, rounds, warmup, device, plan, executions, kernel)
+    finally:
+        torch.set_num_threads(previous_threads)  # the caller's process-wide setting, as it was
+
+
+def _measure(
+    setup: BenchSetup,
+    batch_size: int,
+    threads: int,
+    rounds: int,
+    warmup: int,
+    device: str,
+    plan: str,
+    executions: Sequence[str],
+    kernel: str,
+) -> dict[str, Any]:
     dev = torch.device(device)
     gated, dense = setup.gated.to(dev).eval(), setup.dense.to(dev).eval()
     image_size = setup.images.shape[-1]
@@ -356,7 +399,11 @@ def measure(
             "plan": paths,
             "plan_choice": plan,
             "kernel": sparse.kernel,
-            "kernel_avx512": native.uses_avx512() if sparse.kernel == "native" else None,  # else portable C loops
+            "kernel_isa": sparse.kernel_isa,  # the compiled kernel's variant (vdg.deploy.native.ISAS), None: torch
+            "cpu": cpu_name(),
+            "cpu_isa": native.cpu_isa() if native.available() else None,  # the widest kernel variant the CPU runs
+            "onednn_isa": onednn_isa() if dev.type == "cpu" else None,  # the widest oneDNN used (ONEDNN_MAX_CPU_ISA)
+            "aten_isa": torch.backends.cpu.get_cpu_capability(),  # ATen's vector kernels (ATEN_CPU_CAPABILITY)
             "engines": engines,
             "density_per_block": cost.channel_density(active).tolist(),
             "slim_widths": widths,
@@ -385,7 +432,10 @@ One row per run, appended by each run. Columns:
   execution="masked")` runs this way).
 - sparse/dense, slim/dense: medians of per-round ratios against the dense network's faster engine; sparse/dense
   eager: against the eager dense module. max rel diff: sparse features vs the masked eager reference.
-- plan: the sparse execution's path per block (s = per sample, m = masked) and its kernel (native = compiled).
+- plan: the sparse execution's path per block (s = per sample, m = masked) and its kernel (native = compiled,
+  with the variant it ran: avx512, avx2 or portable; `VDG_KERNEL_ISA` forces one).
+- ISA: the widest instruction set oneDNN used (its verbose `isa:` line; `ONEDNN_MAX_CPU_ISA` caps it) and
+  ATen's vector kernels (`ATEN_CPU_CAPABILITY`), so that a row emulating an AVX2 CPU on a wider one says so.
 - load: the machine's 1-minute load average before and after timing (2 cores here: above ~0.5 the machine was
   shared and the figures are noisy; a 2-thread run itself brings it towards 2).
 
@@ -395,7 +445,7 @@ One row per run, appended by each run. Columns:
 COLUMNS = (
     "date", "device", "threads", "torch", "masks", "width", "input", "batch", "FLOPs ratio", "dense ms", "masked ms",
     "sparse ms", "slim ms", "sparse/dense", "slim/dense", "dense eager ms", "sparse/dense eager", "max rel diff",
-    "plan", "engines", "load",
+    "plan", "engines", "ISA", "load",
 )  # fmt: skip
 
 
@@ -449,8 +499,10 @@ def append_row(result: Mapping[str, Any], path: str | Path) -> Path:
         f"{result['max_rel_diff']:.1e}",
         plan_text
         + ("" if result.get("plan_choice", "default") == "default" else f" ({result['plan_choice']})")
-        + (f", {result['kernel']}" if result.get("kernel") else ""),
+        + (f", {result['kernel']}" if result.get("kernel") else "")
+        + (f" ({result['kernel_isa']})" if result.get("kernel_isa") else ""),
         ", ".join(f"{k}: {v}" for k, v in result.get("engines", {}).items()),
+        f"oneDNN {result.get('onednn_isa') or '?'}; ATen {result.get('aten_isa') or '?'}",
         load,
     ]
     atomic_write_text(path, text + "| " + " | ".join(str(c) for c in cells) + " |\n")

@@ -46,6 +46,9 @@ enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };  /* vdg/deploy/native.p
 #ifndef TAP_OUTER_TILES
 #define TAP_OUTER_TILES 32 /* conv2: maps of at least this many pixel tiles (17 x 17 and up) loop over taps outermost */
 #endif
+#ifndef TAP_OUTER_TILES_AVX2
+#define TAP_OUTER_TILES_AVX2 TAP_OUTER_TILES
+#endif
 #define UNROLL _Pragma("GCC unroll 16")
 
 typedef struct {
@@ -283,16 +286,41 @@ AVX2 static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* conv1's inner product of 3 weight rows with 4 pixels' taps over n floats (a multiple of 8): 12 accumulators,
+ * 3 weight vectors and one input vector are AVX2's 16 registers. */
+AVX2 static inline __attribute__((always_inline)) void conv1_dot_avx2(const float *w0, const float *w1,
+                                                                     const float *w2, const float *const *xs,
+                                                                     int64_t n, __m256 acc[3][P1]) {
+    const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
+    for (int64_t c = 0; c < n; c += 8) {
+        __m256 a = _mm256_loadu_ps(w0 + c), b = _mm256_loadu_ps(w1 + c), d = _mm256_loadu_ps(w2 + c), xv;
+        xv = _mm256_loadu_ps(x0 + c);
+        acc[0][0] = _mm256_fmadd_ps(a, xv, acc[0][0]), acc[1][0] = _mm256_fmadd_ps(b, xv, acc[1][0]);
+        acc[2][0] = _mm256_fmadd_ps(d, xv, acc[2][0]);
+        xv = _mm256_loadu_ps(x1 + c);
+        acc[0][1] = _mm256_fmadd_ps(a, xv, acc[0][1]), acc[1][1] = _mm256_fmadd_ps(b, xv, acc[1][1]);
+        acc[2][1] = _mm256_fmadd_ps(d, xv, acc[2][1]);
+        xv = _mm256_loadu_ps(x2 + c);
+        acc[0][2] = _mm256_fmadd_ps(a, xv, acc[0][2]), acc[1][2] = _mm256_fmadd_ps(b, xv, acc[1][2]);
+        acc[2][2] = _mm256_fmadd_ps(d, xv, acc[2][2]);
+        xv = _mm256_loadu_ps(x3 + c);
+        acc[0][3] = _mm256_fmadd_ps(a, xv, acc[0][3]), acc[1][3] = _mm256_fmadd_ps(b, xv, acc[1][3]);
+        acc[2][3] = _mm256_fmadd_ps(d, xv, acc[2][3]);
+    }
+}
+
 /* conv1 in the AVX-512 tile's place (R1 x P1 = 6 channels x 4 pixels), as two register tiles of 3 channels x 4
- * pixels: 12 accumulators + 3 weight vectors + 1 input vector = the 16 registers. Same prefetch as AVX-512. */
+ * pixels. Input channels past the last multiple of 8 are copied, zero-padded, to 8-float buffers and run through
+ * the same inner product (a masked load would need a 17th register). Same prefetch as AVX-512, once per tap. */
 AVX2 static void conv1_tile_avx2(const block_t *b, int64_t j0, int64_t p0, int64_t jn) {
     int64_t np = min64(P1, b->ho * b->wo - p0), nr = min64(R1, b->k - j0);
     const float *taps[P1][9];
     UNROLL for (int pi = 0; pi < P1; ++pi)
         tap_pointers(b->x, b->h, b->w, b->cin, b->stride, b->wo, p0 + min64(pi, np - 1), b->zeros, taps[pi]);
-    const int64_t cin = b->cin, q = p0 / P1;
+    const int64_t cin = b->cin, q = p0 / P1, body = cin & ~(int64_t)7, tail = cin - body;
     const char *pf = NULL;
     if (jn >= 0 && q < R1 && jn + q < b->k) pf = (const char *)(b->w1 + (int64_t)b->act[jn + q] * 9 * cin);
+    float wtail[3][8] __attribute__((aligned(32))), xtail[P1][8] __attribute__((aligned(32)));
     for (int64_t g = 0; g < nr; g += 3) {
         const float *rows[3];
         UNROLL for (int ri = 0; ri < 3; ++ri) rows[ri] = b->w1 + (int64_t)b->act[j0 + min64(g + ri, nr - 1)] * 9 * cin;
@@ -300,23 +328,20 @@ AVX2 static void conv1_tile_avx2(const block_t *b, int64_t j0, int64_t p0, int64
         UNROLL for (int ri = 0; ri < 3; ++ri)
             UNROLL for (int pi = 0; pi < P1; ++pi) acc[ri][pi] = _mm256_setzero_ps();
         for (int t = 0; t < 9; ++t) {
-            for (int64_t c = 0; c < cin; c += 8) {
-                if (pf && g == 0 && (c & 15) == 0) _mm_prefetch(pf + 4 * (t * cin + c), _MM_HINT_T1);
-                __m256 wv[3], xv;
-                if (cin - c >= 8) {
-                    UNROLL for (int ri = 0; ri < 3; ++ri) wv[ri] = _mm256_loadu_ps(rows[ri] + t * cin + c);
-                    UNROLL for (int pi = 0; pi < P1; ++pi) {
-                        xv = _mm256_loadu_ps(taps[pi][t] + c);
-                        UNROLL for (int ri = 0; ri < 3; ++ri) acc[ri][pi] = _mm256_fmadd_ps(wv[ri], xv, acc[ri][pi]);
-                    }
-                } else {
-                    __m256i m = lanes8(cin - c);
-                    UNROLL for (int ri = 0; ri < 3; ++ri) wv[ri] = _mm256_maskload_ps(rows[ri] + t * cin + c, m);
-                    UNROLL for (int pi = 0; pi < P1; ++pi) {
-                        xv = _mm256_maskload_ps(taps[pi][t] + c, m);
-                        UNROLL for (int ri = 0; ri < 3; ++ri) acc[ri][pi] = _mm256_fmadd_ps(wv[ri], xv, acc[ri][pi]);
-                    }
+            if (pf && g == 0)
+                for (int64_t l = 0; l < 4 * cin; l += 64) _mm_prefetch(pf + 4 * t * cin + l, _MM_HINT_T1);
+            const float *xs[P1];
+            UNROLL for (int pi = 0; pi < P1; ++pi) xs[pi] = taps[pi][t];
+            conv1_dot_avx2(rows[0] + t * cin, rows[1] + t * cin, rows[2] + t * cin, xs, body, acc);
+            if (tail) {
+                UNROLL for (int ri = 0; ri < 3; ++ri)
+                    for (int i = 0; i < 8; ++i) wtail[ri][i] = i < tail ? rows[ri][t * cin + body + i] : 0.f;
+                const float *xt[P1];
+                UNROLL for (int pi = 0; pi < P1; ++pi) {
+                    for (int i = 0; i < 8; ++i) xtail[pi][i] = i < tail ? xs[pi][body + i] : 0.f;
+                    xt[pi] = xtail[pi];
                 }
+                conv1_dot_avx2(wtail[0], wtail[1], wtail[2], xt, 8, acc);
             }
         }
         UNROLL for (int ri = 0; ri < 3; ++ri) {
@@ -332,17 +357,20 @@ AVX2 static void conv1_tile_avx2(const block_t *b, int64_t j0, int64_t p0, int64
 
 /* conv2 register tile: P2 (6, or 5 on 5 x 5 maps) output pixels from p0 x 16 output channels from o0 + os (o0: the
  * output tile, blocked by b->to; os: 0, 16, 32 or 48 within it): 12 accumulators + 2 weight vectors + 1
- * broadcast. pf: prefetch the whole output tile's run PFJ channels ahead (the first register tile of an output
- * tile only, as AVX-512's first pixel tile does). */
+ * broadcast. Prefetch, per active channel j, the cache lines [pf_first, pf_first + pf_count) of the run of
+ * channel act[j + pf_ahead] in output tile pf_tile (-1: none): as AVX-512 does, the first pixel tile of an output
+ * tile fetches its own runs PFJ channels ahead, the next ones the next output tile's runs, 9 lines each. */
 AVX2 static inline __attribute__((always_inline)) void conv2_micro_avx2(const block_t *b, int64_t o0, int64_t os,
-                                                                       int64_t p0, int pf, const int P2) {
+                                                                       int64_t p0, int64_t pf_tile, int64_t pf_ahead,
+                                                                       int64_t pf_first, int64_t pf_count,
+                                                                       const int P2) {
     const int64_t to = b->to, np = min64(P2, b->ho * b->wo - p0);
     const float *taps[6][9];
     UNROLL for (int pi = 0; pi < P2; ++pi)
         tap_pointers(b->mid, b->ho, b->wo, b->k, 1, b->wo, p0 + min64(pi, np - 1), b->zeros, taps[pi]);
     __m256 acc[6][2];
     UNROLL for (int pi = 0; pi < P2; ++pi) acc[pi][0] = acc[pi][1] = _mm256_setzero_ps();
-    if (b->ho * b->wo >= P2 * TAP_OUTER_TILES) {  /* as in AVX-512: taps outer on large maps */
+    if (b->ho * b->wo >= P2 * TAP_OUTER_TILES_AVX2) {  /* as in AVX-512: taps outer on large maps */
         for (int t = 0; t < 9; ++t) {
             const float *tp[6];
             UNROLL for (int pi = 0; pi < P2; ++pi) tp[pi] = taps[pi][t];
@@ -358,9 +386,9 @@ AVX2 static inline __attribute__((always_inline)) void conv2_micro_avx2(const bl
         }
     } else for (int64_t j = 0; j < b->k; ++j) {
         const float *wc = w2_chunk(b, o0, b->act[j]) + os;
-        if (pf && j + PFJ < b->k) {
-            const char *next = (const char *)w2_chunk(b, o0, b->act[j + PFJ]);
-            for (int64_t l = 0; l < 9 * to * 4; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+        if (pf_tile >= 0 && j + pf_ahead < b->k) {
+            const char *next = (const char *)w2_chunk(b, pf_tile, b->act[j + pf_ahead]) + 64 * pf_first;
+            for (int64_t l = 0; l < pf_count; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
         }
         UNROLL for (int t = 0; t < 9; ++t) {
             __m256 w0 = _mm256_loadu_ps(wc + t * to), w1 = _mm256_loadu_ps(wc + t * to + 8);
@@ -406,13 +434,18 @@ AVX2 static inline __attribute__((always_inline)) void conv2_micro_avx2(const bl
     }
 }
 
-/* One conv2 tile (b->pt pixels x b->to channels, as the other variants) as register tiles of 6 (5) x 16. */
-AVX2 static void conv2_tile_avx2(const block_t *b, int64_t o0, int64_t p0) {
-    const int64_t pixels = b->ho * b->wo, q = p0 / b->pt;
+/* One conv2 tile (b->pt pixels x b->to channels, as the other variants) as register tiles of 6 (5) x 16. on: the
+ * next output tile this thread runs (-1: none), for the prefetch. */
+AVX2 static void conv2_tile_avx2(const block_t *b, int64_t o0, int64_t p0, int64_t on) {
+    const int64_t pixels = b->ho * b->wo, q = p0 / b->pt, lines = 9 * b->to / 16;
+    int64_t pf_tile = -1, pf_ahead = 0, pf_first = 0, pf_count = 0;
+    if (q == 0) pf_tile = o0, pf_ahead = PFJ, pf_count = lines;
+    else if (on >= 0 && (q - 1) * 9 < lines) pf_tile = on, pf_first = (q - 1) * 9, pf_count = min64(9, lines - pf_first);
     for (int64_t os = 0; os < b->to && o0 + os < b->cout; os += 16)
         for (int64_t ps = 0; ps < b->pt && p0 + ps < pixels; ps += 6) {
-            int pf = q == 0 && os == 0 && ps == 0;
-            if (b->pt == 5) conv2_micro_avx2(b, o0, os, p0 + ps, pf, 5); else conv2_micro_avx2(b, o0, os, p0 + ps, pf, 6);
+            int64_t t = os == 0 && ps == 0 ? pf_tile : -1;  /* the first register tile prefetches for the others */
+            if (b->pt == 5) conv2_micro_avx2(b, o0, os, p0 + ps, t, pf_ahead, pf_first, pf_count, 5);
+            else conv2_micro_avx2(b, o0, os, p0 + ps, t, pf_ahead, pf_first, pf_count, 6);
         }
 }
 #endif
@@ -429,7 +462,7 @@ static void conv1_tile(const block_t *b, int64_t j0, int64_t p0, int64_t jn, int
 static void conv2_tile(const block_t *b, int64_t o0, int64_t p0, int64_t on, int isa) {
 #ifdef VDG_X86
     if (isa == ISA_AVX512) { conv2_tile_avx512_any(b, o0, p0, on); return; }
-    if (isa == ISA_AVX2) { conv2_tile_avx2(b, o0, p0); return; }
+    if (isa == ISA_AVX2) { conv2_tile_avx2(b, o0, p0, on); return; }
 #endif
     (void)isa, (void)on;
     conv2_tile_portable(b, o0, p0);
