@@ -27,6 +27,7 @@ from vdg.run.config import ConfigError
 
 from .conftest import compose_config
 from .test_export import write_checkpoint
+from .test_native import needs_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("dense_ms", "masked_ms", "sparse_ms", "slim_ms", "flops_ratio", "latency_ratio", "max_abs_diff")
@@ -42,6 +43,8 @@ def run_script(*overrides: str) -> None:
         sys.argv = argv
 
 
+@needs_kernel  # dense_native, slim_native
+@pytest.mark.kernel
 def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp_path):
     setup = calibrated_setup(4, "cifar", 32, 0.5, num_images=3, calibration_images=32, seed=0)
     torch.set_num_threads(2)
@@ -107,6 +110,7 @@ def test_checkpoint_masks_are_labelled_and_timed(tmp_path):
     assert checkpoint_setup(gated_only, None, 2).notes["dense_weights"].startswith("random")
 
 
+@needs_kernel  # the default executions include dense_native, slim_native
 def test_bench_script_prints_json_and_appends_a_row(tmp_path, capsys):
     results = tmp_path / "inference.md"
     run_script("model.width=4", "images=2", "rounds=1", "warmup=0", "calibration.images=16", f"results={results}")

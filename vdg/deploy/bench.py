@@ -7,6 +7,7 @@ executions interleaved and reports medians; it never trains and never writes wei
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
 import subprocess
@@ -211,6 +212,7 @@ _ONEDNN_PROBE = (
 )
 
 
+@functools.cache
 def onednn_isa() -> str:
     """The instruction set oneDNN dispatches to in this environment (it honours `ONEDNN_MAX_CPU_ISA`), as its
     verbose mode names it, e.g. "Intel AVX2": read from a child process's ONEDNN_VERBOSE info line, since oneDNN

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,11 @@ FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 VERSION = 7  # vdg_sparse_kernel_version() of the source this module speaks to
 ISAS = ("portable", "avx2", "avx512")  # the kernel's variants, in the C source's ISA_* order (narrowest first)
 COMPILE_TIMEOUT_S = 120  # a compiler that hangs (a licence server, a wedged NFS mount) is reported, not waited on
+
+
+def compile_timeout() -> float:
+    """Seconds a compile may take: `$VDG_COMPILE_TIMEOUT_S`, else COMPILE_TIMEOUT_S."""
+    return float(os.environ.get("VDG_COMPILE_TIMEOUT_S") or COMPILE_TIMEOUT_S)
 
 
 class NativeKernelError(RuntimeError):
@@ -132,18 +138,25 @@ def _compiler_version(cc: str) -> str:
 def _compile(flags: tuple[str, ...], output: str) -> subprocess.CompletedProcess:
     cc = compiler()
     command = [cc, *flags, str(SOURCE), "-o", output]
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise NativeKernelError(
-            f"compiling sparse execution's kernel timed out after {COMPILE_TIMEOUT_S} s: {' '.join(command)}; "
-            f"set VDG_CC to a working C compiler, {_TORCH_HINT}"
-        ) from None
+    try:  # its own process group: a compiler that times out is killed with its children (which hold the pipes)
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
     except OSError as err:
         raise NativeKernelError(
             f"sparse execution's compiled kernel needs a C compiler; {cc!r} could not be run ({err}). Install gcc "
             f"(or set VDG_CC to a C compiler), {_TORCH_HINT}"
         ) from None
+    try:
+        stdout, stderr = proc.communicate(timeout=compile_timeout())
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise NativeKernelError(
+            f"compiling sparse execution's kernel timed out after {compile_timeout():g} s: {' '.join(command)}; "
+            f"set VDG_CC to a working C compiler, {_TORCH_HINT}"
+        ) from None
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def _write_atomically(path: Path, text: str) -> None:
