@@ -81,32 +81,38 @@ def calibrate_gates(encoder: GatedResNet, images: Tensor, frequency: Sequence[fl
     """
     if len(frequency) != len(encoder.blocks):
         raise ValueError(f"calibration needs one density per block ({len(encoder.blocks)}), got {len(frequency)}")
+    inputs = _block_inputs(encoder, images, 0)  # block `index`'s input, carried along: one forward in all
     for index, (block, target) in enumerate(zip(encoder.blocks, frequency, strict=True)):
-        if target is None:
-            continue
-        gate = block.gate
-        if gate is None or gate.expand.bias is None:
-            raise ValueError("calibrate_gates needs gates with a bias: build the encoder with gate_bias_init=0.0")
-        target = torch.as_tensor(target, dtype=torch.float64).expand(gate.out_channels)
-        if ((target < 0) | (target > 1)).any():
-            raise ValueError(f"calibration densities must lie in [0, 1], got {target.tolist()} for block {index}")
-        inputs = _block_inputs(encoder, images, index)
-        hidden = gate.bn(gate.reduce(inputs.mean(dim=(2, 3), keepdim=True))).flatten(1)  # before the ReLU
-        gate.bn.bias.sub_(torch.quantile(hidden, 0.1, dim=0))
-        gate.expand.bias.zero_()
-        logits = gate.logits(inputs).double()  # [N, C_b]
-        ordered = logits.sort(dim=0).values
-        n = ordered.shape[0]
-        threshold = torch.empty(gate.out_channels, dtype=torch.float64)
-        for c, f in enumerate(target.tolist()):
-            keep = round(f * n)  # images that keep channel c: the `keep` largest logits
-            if keep >= n:
-                threshold[c] = ordered[0, c] - 1e3
-            elif keep <= 0:
-                threshold[c] = ordered[-1, c] + 1e3
-            else:
-                threshold[c] = 0.5 * (ordered[n - keep - 1, c] + ordered[n - keep, c])
-        gate.expand.bias.copy_((-threshold).to(gate.expand.bias.dtype))
+        if target is not None:
+            _calibrate_gate(block, torch.as_tensor(target, dtype=torch.float64), inputs, index)
+        if index + 1 < len(encoder.blocks):
+            inputs, _ = block(inputs, Branch.GATED)  # with this block's gate as calibrated
+
+
+def _calibrate_gate(block: Any, target: Tensor, inputs: Tensor, index: int) -> None:
+    """`calibrate_gates` for one block, on its `inputs` [N, C_in, H, W]."""
+    gate = block.gate
+    if gate is None or gate.expand.bias is None:
+        raise ValueError("calibrate_gates needs gates with a bias: build the encoder with gate_bias_init=0.0")
+    target = target.expand(gate.out_channels)
+    if ((target < 0) | (target > 1)).any():
+        raise ValueError(f"calibration densities must lie in [0, 1], got {target.tolist()} for block {index}")
+    hidden = gate.bn(gate.reduce(inputs.mean(dim=(2, 3), keepdim=True))).flatten(1)  # before the ReLU
+    gate.bn.bias.sub_(torch.quantile(hidden, 0.1, dim=0))
+    gate.expand.bias.zero_()
+    logits = gate.logits(inputs).double()  # [N, C_b]
+    ordered = logits.sort(dim=0).values
+    n = ordered.shape[0]
+    threshold = torch.empty(gate.out_channels, dtype=torch.float64)
+    for c, f in enumerate(target.tolist()):
+        keep = round(f * n)  # images that keep channel c: the `keep` largest logits
+        if keep >= n:
+            threshold[c] = ordered[0, c] - 1e3
+        elif keep <= 0:
+            threshold[c] = ordered[-1, c] + 1e3
+        else:
+            threshold[c] = 0.5 * (ordered[n - keep - 1, c] + ordered[n - keep, c])
+    gate.expand.bias.copy_((-threshold).to(gate.expand.bias.dtype))
 
 
 def calibrated_setup(
