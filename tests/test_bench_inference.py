@@ -71,6 +71,22 @@ def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp
     assert sum(line.startswith("| 20") for line in lines) == 2 and "| calibrated | 4 | cifar 32px | 2 |" in lines[-1]
 
 
+def test_without_a_compiler_the_benchmark_leaves_the_kernel_engines_out_unless_asked_for(tmp_path, monkeypatch):
+    from vdg.deploy import sparse
+
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_error", None)
+    monkeypatch.setattr(sparse, "_kernel_warned", False)
+    monkeypatch.setenv("VDG_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setenv("VDG_CC", str(tmp_path / "no-such-cc"))
+    setup = calibrated_setup(4, "cifar", 32, 0.5, num_images=2, calibration_images=16, seed=0)
+    result = measure(setup, 1, 1, rounds=1, warmup=0)
+    assert result["executions_left_out"] == ["dense_native", "slim_native"] and result["kernel"] == "torch"
+    assert "dense_native_ms" not in result and result["engines"] == {"dense": "onednn", "slim": "onednn"}
+    with pytest.raises(native.NativeKernelError, match="needs a C compiler"):  # asked for: an error
+        measure(setup, 1, 1, rounds=1, warmup=0, kernel="native")
+
+
 def test_a_row_with_other_columns_starts_a_new_table_below_the_old_rows(tmp_path):
     path = tmp_path / "inference.md"
     old_table = "# Inference latency\n\n| date | device | load |\n|---|---|---|\n| 2026-01-01 | cpu | 0.1 |\n"
@@ -110,7 +126,6 @@ def test_checkpoint_masks_are_labelled_and_timed(tmp_path):
     assert checkpoint_setup(gated_only, None, 2).notes["dense_weights"].startswith("random")
 
 
-@needs_kernel  # the default executions include dense_native, slim_native
 def test_bench_script_prints_json_and_appends_a_row(tmp_path, capsys):
     results = tmp_path / "inference.md"
     run_script("model.width=4", "images=2", "rounds=1", "warmup=0", "calibration.images=16", f"results={results}")

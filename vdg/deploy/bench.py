@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import logging
 import os
 import platform
 import subprocess
@@ -26,6 +27,8 @@ from vdg.deploy.native import NativeKernelError
 from vdg.deploy.slim import profile_from_masks, slim_resnet, slim_widths
 from vdg.deploy.sparse import KERNELS, BlockPath, FoldedResNet, interleaved_times
 from vdg.models import Branch, GatedResNet, network_cost
+
+log = logging.getLogger(__name__)
 
 # Executions timed, in this order within a round (rotated every round): the fast engines, then the eager modules.
 EXECUTIONS = (
@@ -313,14 +316,20 @@ def _measure(
     folded_slim = FoldedResNet(slim, Branch.DENSE).to(dev)
     inputs = [b.to(dev) for b in batches(setup.images, batch_size)]
     native_runs: dict[str, FoldedResNet] = {}
+    left_out: list[str] = []
     for name, network in (("dense_native", dense), ("slim_native", slim)):
         if name in executions:
             try:
                 engine = FoldedResNet(network, Branch.DENSE, kernel="native").to(dev)
             except NativeKernelError as err:
-                raise NativeKernelError(
-                    f"{err}\nexecutions dense_native and slim_native need it: leave them out of executions="
-                ) from None
+                if kernel == "native":
+                    raise NativeKernelError(
+                        f"{err}\nexecutions dense_native and slim_native need it: leave them out of executions="
+                    ) from None
+                # kernel auto/torch: the networks' oneDNN engines are timed alone, as sparse runs the torch kernel
+                log.warning("%s left out (no compiled kernel): %s", name, err)
+                left_out.append(name)
+                continue
             engine.set_plan(batch_size, [BlockPath.SAMPLE] * len(engine.blocks))
             native_runs[name] = engine
     if plan == "tune":
@@ -345,7 +354,7 @@ def _measure(
         "masked_eager": lambda x: gated(x, Branch.GATED),
         "slim_eager": lambda x: slim(x, Branch.DENSE),
     }
-    unknown = sorted(set(executions) - set(calls))
+    unknown = sorted(set(executions) - set(calls) - set(left_out))
     if unknown or "dense" not in executions:
         raise ValueError(f"executions must include 'dense' and come from {list(calls)}; unknown: {unknown}")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -361,7 +370,10 @@ def _measure(
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     with torch.inference_mode():
         times = interleaved_times(
-            {name: over_batches(calls[name]) for name in executions}, rounds, warmup=warmup, rotate=True
+            {name: over_batches(calls[name]) for name in executions if name not in left_out},
+            rounds,
+            warmup=warmup,
+            rotate=True,
         )
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     per_batch = {name: [t / len(inputs) for t in ts] for name, ts in times.items()}
@@ -407,6 +419,7 @@ def _measure(
             "plan": paths,
             "plan_choice": plan,
             "kernel": sparse.kernel,
+            "executions_left_out": left_out,  # *_native without a compiled kernel (kernel auto or torch)
             "kernel_isa": sparse.kernel_isa,  # the compiled kernel's variant (vdg.deploy.native.ISAS), None: torch
             "cpu": cpu_name(),
             "cpu_isa": native.cpu_isa() if native.available() else None,  # the widest kernel variant the CPU runs
