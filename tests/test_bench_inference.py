@@ -22,10 +22,12 @@ from vdg.deploy.bench import (
     interleaved_times,
     measure,
 )
+from vdg.deploy.sparse import AUTO_NATIVE_ISAS
 from vdg.report.flops import flops_summary
 
 from .conftest import compose_config
 from .test_export import write_checkpoint
+from .test_native import needs_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("dense_ms", "masked_ms", "sparse_ms", "slim_ms", "flops_ratio", "latency_ratio", "max_abs_diff")
@@ -41,8 +43,12 @@ def run_script(*overrides: str) -> None:
         sys.argv = argv
 
 
+@needs_kernel  # dense_native, slim_native
+@pytest.mark.kernel
 def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp_path):
     setup = calibrated_setup(4, "cifar", 32, 0.5, num_images=3, calibration_images=32, seed=0)
+    torch.set_num_threads(2)
+    threads_before = torch.get_num_threads()
     result = measure(setup, batch_size=2, threads=1, rounds=2, warmup=0)
     assert all(key in result for key in REQUIRED)
     assert {f"{name}_ms" for name in EXECUTIONS} <= set(result) and all(result[f"{n}_ms"] > 0 for n in EXECUTIONS)
@@ -50,8 +56,12 @@ def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp
     for network in ("dense", "slim"):  # a network's latency is the faster of its two engines
         assert result[f"{network}_ms"] <= max(result[f"{network}_onednn_ms"], result[f"{network}_native_ms"])
         assert result["engines"][network] in ("onednn", "native")
-    assert result["kernel"] == "native" and 0 < result["latency_ratio"]
-    assert result["kernel_avx512"] == native.uses_avx512()
+    auto = "native" if native.kernel_isa() in AUTO_NATIVE_ISAS else "torch"  # VDG_KERNEL_ISA=portable: torch
+    assert result["kernel"] == auto and 0 < result["latency_ratio"]
+    assert torch.get_num_threads() == threads_before  # measure(threads=1) restored the caller's thread count
+    assert result["kernel_isa"] == (native.kernel_isa() if auto == "native" else None)
+    assert result["cpu_isa"] == native.cpu_isa()
+    assert result["cpu"] and result["onednn_isa"] != "unknown" and result["aten_isa"]
     assert result["max_rel_diff"] <= 1e-4 and 0 < result["flops_ratio"] < 1
     assert len(result["plan"]) == 8 and len(result["slim_widths"]) == 8 and result["images"] == 3
     path = append_row(result, tmp_path / "inference.md")
@@ -59,6 +69,22 @@ def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp
     lines = path.read_text().splitlines()
     assert lines[0] == "# Inference latency (scripts/bench_inference.py)"
     assert sum(line.startswith("| 20") for line in lines) == 2 and "| calibrated | 4 | cifar 32px | 2 |" in lines[-1]
+
+
+def test_without_a_compiler_the_benchmark_leaves_the_kernel_engines_out_unless_asked_for(tmp_path, monkeypatch):
+    from vdg.deploy import sparse
+
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_error", None)
+    monkeypatch.setattr(sparse, "_kernel_warned", False)
+    monkeypatch.setenv("VDG_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setenv("VDG_CC", str(tmp_path / "no-such-cc"))
+    setup = calibrated_setup(4, "cifar", 32, 0.5, num_images=2, calibration_images=16, seed=0)
+    result = measure(setup, 1, 1, rounds=1, warmup=0)
+    assert result["executions_left_out"] == ["dense_native", "slim_native"] and result["kernel"] == "torch"
+    assert "dense_native_ms" not in result and result["engines"] == {"dense": "onednn", "slim": "onednn"}
+    with pytest.raises(native.NativeKernelError, match="needs a C compiler"):  # asked for: an error
+        measure(setup, 1, 1, rounds=1, warmup=0, kernel="native")
 
 
 def test_a_row_with_other_columns_starts_a_new_table_below_the_old_rows(tmp_path):

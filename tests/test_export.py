@@ -309,6 +309,22 @@ def test_export_records_the_default_execution(tmp_path):
         export_backbone(ckpt, "dense", out_dir=tmp_path, execution="sparse")
 
 
+@pytest.mark.parametrize("execution", ["sparse", "folded"])
+def test_a_teacher_from_a_sparse_or_folded_export_runs_masked(tmp_path, execution):
+    from vdg.models.teachers import load_teacher
+
+    ckpt = write_checkpoint(tmp_path / "m.ckpt")
+    paths = export_backbone(ckpt, "gated", out_dir=tmp_path, execution=execution)
+    teacher = load_teacher(paths["safetensors"])  # a module in a training step: train()/eval(), plain tensors
+    assert isinstance(teacher.backbone, BranchBackbone), type(teacher.backbone)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = teacher.backbone(x)
+    assert not features.is_inference()
+    expected = load_backbone(paths["json"], execution="masked")(x)
+    assert torch.allclose(features, expected)
+
+
 def test_slim_export_is_the_compacted_gated_network_and_its_profile(trained_ckpt, tmp_path):
     from vdg.data.module import eval_loader
     from vdg.deploy.slim import ChannelProfile, checkpoint_profile, slim_widths

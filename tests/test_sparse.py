@@ -10,14 +10,39 @@ import torch.nn.functional as F
 from vdg.deploy.bench import calibrate_gates, distinct_mask_fraction
 from vdg.deploy.kernels import Workspace, fold_batchnorm, im2col_hwc
 from vdg.deploy.slim import FORCED_LOGIT, compact_gated, compaction, profile_from_masks, slim_resnet
-from vdg.deploy.sparse import BlockPath, FoldedBlock, FoldedResNet
+from vdg.deploy.sparse import AUTO_NATIVE_ISAS, BlockPath, FoldedBlock, FoldedResNet
 from vdg.models import Branch, GatedResNet
 
 from .test_export import randomise_norms
+from .test_native import VARIANTS, needs_kernel
 
 ALL_OFF, ALL_ON = 2, 5  # blocks whose gates are forced shut / open in `gated_network`
 SAMPLE, MASKED = [BlockPath.SAMPLE] * 8, [BlockPath.MASKED] * 8
-KERNELS = ("native", "torch")  # the per-sample path's two kernels; "native" needs the C compiler (as CI has)
+
+
+def kernel_params() -> list:
+    """The per-sample path's kernels: "torch", and "native:<variant>" for every variant of the compiled kernel under
+    test (tests/test_native.py's VARIANTS: `$VDG_KERNEL_ISA`'s, else every one this CPU runs; skipped without a
+    C compiler), marked `kernel` so that CI can rerun them per variant."""
+    params = [pytest.param("torch", id="torch")]
+    for variant in VARIANTS:
+        if isinstance(variant, str):
+            params.append(pytest.param(f"native:{variant}", marks=pytest.mark.kernel, id=f"native-{variant}"))
+        else:  # the skipped param of a machine without the kernel
+            params.append(pytest.param("native:", marks=[pytest.mark.kernel, *variant.marks], id="native"))
+    return params
+
+
+KERNELS = kernel_params()
+NATIVE_VARIANTS = [v for v in VARIANTS if isinstance(v, str)]
+
+
+def select_kernel(kernel: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """"native:<variant>" -> "native", with VDG_KERNEL_ISA set to the variant for the engines built next."""
+    name, _, variant = kernel.partition(":")
+    if variant:
+        monkeypatch.setenv("VDG_KERNEL_ISA", variant)
+    return name
 
 
 def gated_network(stem: str = "cifar", size: int = 32, width: int = 4, seed: int = 0) -> GatedResNet:
@@ -43,7 +68,8 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("stem,size", [("cifar", 32), ("imagenet", 64)])
 @pytest.mark.parametrize("batch", [1, 3, 64])
-def test_every_execution_equals_the_masked_eval_forward(stem, size, batch, kernel):
+def test_every_execution_equals_the_masked_eval_forward(stem, size, batch, kernel, monkeypatch):
+    kernel = select_kernel(kernel, monkeypatch)
     net = gated_network(stem, size)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
@@ -84,7 +110,8 @@ def test_torch_kernel_shares_one_gathered_call_between_samples_with_identical_ma
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("batch", [1, 7])
-def test_per_sample_path_splits_work_over_threads_with_the_same_result(kernel, batch):
+def test_per_sample_path_splits_work_over_threads_with_the_same_result(kernel, batch, monkeypatch):
+    kernel = select_kernel(kernel, monkeypatch)
     net = gated_network()
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
@@ -143,7 +170,7 @@ def test_fold_batchnorm_and_patches():
 
 
 @pytest.mark.parametrize("stem,size", [("cifar", 32), ("imagenet", 64)])
-def test_compacted_network_equals_the_gated_network_on_the_profiled_data(stem, size):
+def test_compacted_network_equals_the_gated_network_on_the_profiled_data(stem, size, monkeypatch):
     net = gated_network(stem, size, width=8)
     # blocks 1 and 6: a quarter of the channels never on, a quarter always on, the rest data-dependent
     for index in (1, 6):
@@ -166,7 +193,10 @@ def test_compacted_network_equals_the_gated_network_on_the_profiled_data(stem, s
     for block, row in zip(compact.blocks, plan, strict=True):  # always-active channels are ungated
         forced = [row["kept"].index(c) for c in row["always_on"]]
         assert not block.gate.expand.weight[forced].any() and (block.gate.expand.bias[forced] == FORCED_LOGIT).all()
-    engines = [FoldedResNet(compact, Branch.GATED, kernel=kernel) for kernel in KERNELS]
+    engines = [FoldedResNet(compact, Branch.GATED, kernel="torch")]
+    for variant in NATIVE_VARIANTS:  # the compiled kernel's variants under test (none without a C compiler)
+        monkeypatch.setenv("VDG_KERNEL_ISA", variant)
+        engines.append(FoldedResNet(compact, Branch.GATED, kernel="native"))
     for batch in (1, 3, 64):  # profiled samples, alone or batched
         x = images[:batch]
         with torch.no_grad():
@@ -204,6 +234,7 @@ def test_calibrated_gates_reproduce_the_density_with_masks_that_differ_between_s
         calibrate_gates(GatedResNet(width=4).eval(), calibration[:4], [0.3] * 8)
 
 
+@needs_kernel
 def test_default_paths_follow_the_measured_rule():
     native_wide = FoldedResNet(GatedResNet(width=64, branches=("gated",)).eval(), Branch.GATED, kernel="native")
     assert native_wide.paths(1, 32) == SAMPLE and native_wide.paths(64, 32) == SAMPLE  # compiled: per sample
@@ -221,3 +252,32 @@ def test_default_paths_follow_the_measured_rule():
     small = FoldedResNet(GatedResNet(width=8, branches=("gated",)).eval(), Branch.GATED, kernel="torch")
     assert small.paths(1, 32) == MASKED  # blocks too small for the per-sample call's fixed cost
     assert FoldedResNet(GatedResNet(width=64, stem="imagenet").eval(), Branch.GATED).block_pixels(224)[-1] == 49
+
+
+@needs_kernel
+@pytest.mark.kernel
+def test_auto_takes_the_compiled_kernel_only_in_the_variants_measured_faster_than_dense(monkeypatch):
+    net = GatedResNet(width=4).eval()
+    for variant in NATIVE_VARIANTS:
+        monkeypatch.setenv("VDG_KERNEL_ISA", variant)
+        auto = FoldedResNet(net, Branch.GATED)
+        if variant in AUTO_NATIVE_ISAS:  # AVX-512, AVX2: faster than dense in every block (docs/deploy.md)
+            assert auto.kernel == "native" and auto.kernel_isa == variant
+        else:  # the portable loops: slower than dense, so auto runs the PyTorch kernel's measured rule
+            assert auto.kernel == "torch" and auto.kernel_isa is None
+        assert FoldedResNet(net, Branch.GATED, kernel="native").kernel_isa == variant  # asked for: any variant
+
+
+@needs_kernel
+def test_native_sampled_refuses_inputs_the_kernel_cannot_read():
+    engine = FoldedResNet(gated_network(), Branch.GATED, kernel="native")
+    block = engine.blocks[0]
+    x = torch.randn(2, block.in_planes, 8, 8).contiguous(memory_format=torch.channels_last)
+    out, mask = block.native_sampled(x)
+    assert out.shape == (2, block.planes, 8, 8) and mask.shape == (2, block.mid)
+    for bad in (x.double(), x.contiguous(), x[:, :, ::2], x[:, :1], x[0]):
+        with pytest.raises(ValueError, match="channels_last float32 CPU tensor"):
+            block.native_sampled(bad)
+    torch_block = FoldedResNet(gated_network(), Branch.GATED, kernel="torch").blocks[0]
+    with pytest.raises(ValueError, match="needs the compiled kernel"):
+        torch_block.native_sampled(x)

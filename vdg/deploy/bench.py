@@ -7,8 +7,12 @@ executions interleaved and reports medians; it never trains and never writes wei
 from __future__ import annotations
 
 import datetime
+import functools
+import logging
 import os
 import platform
+import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,8 @@ from vdg.deploy.native import NativeKernelError
 from vdg.deploy.slim import profile_from_masks, slim_resnet, slim_widths
 from vdg.deploy.sparse import KERNELS, BlockPath, FoldedResNet, interleaved_times
 from vdg.models import Branch, GatedResNet, network_cost
+
+log = logging.getLogger(__name__)
 
 # Executions timed, in this order within a round (rotated every round): the fast engines, then the eager modules.
 EXECUTIONS = (
@@ -78,32 +84,38 @@ def calibrate_gates(encoder: GatedResNet, images: Tensor, frequency: Sequence[fl
     """
     if len(frequency) != len(encoder.blocks):
         raise ValueError(f"calibration needs one density per block ({len(encoder.blocks)}), got {len(frequency)}")
+    inputs = _block_inputs(encoder, images, 0)  # block `index`'s input, carried along: one forward in all
     for index, (block, target) in enumerate(zip(encoder.blocks, frequency, strict=True)):
-        if target is None:
-            continue
-        gate = block.gate
-        if gate is None or gate.expand.bias is None:
-            raise ValueError("calibrate_gates needs gates with a bias: build the encoder with gate_bias_init=0.0")
-        target = torch.as_tensor(target, dtype=torch.float64).expand(gate.out_channels)
-        if ((target < 0) | (target > 1)).any():
-            raise ValueError(f"calibration densities must lie in [0, 1], got {target.tolist()} for block {index}")
-        inputs = _block_inputs(encoder, images, index)
-        hidden = gate.bn(gate.reduce(inputs.mean(dim=(2, 3), keepdim=True))).flatten(1)  # before the ReLU
-        gate.bn.bias.sub_(torch.quantile(hidden, 0.1, dim=0))
-        gate.expand.bias.zero_()
-        logits = gate.logits(inputs).double()  # [N, C_b]
-        ordered = logits.sort(dim=0).values
-        n = ordered.shape[0]
-        threshold = torch.empty(gate.out_channels, dtype=torch.float64)
-        for c, f in enumerate(target.tolist()):
-            keep = round(f * n)  # images that keep channel c: the `keep` largest logits
-            if keep >= n:
-                threshold[c] = ordered[0, c] - 1e3
-            elif keep <= 0:
-                threshold[c] = ordered[-1, c] + 1e3
-            else:
-                threshold[c] = 0.5 * (ordered[n - keep - 1, c] + ordered[n - keep, c])
-        gate.expand.bias.copy_((-threshold).to(gate.expand.bias.dtype))
+        if target is not None:
+            _calibrate_gate(block, torch.as_tensor(target, dtype=torch.float64), inputs, index)
+        if index + 1 < len(encoder.blocks):
+            inputs, _ = block(inputs, Branch.GATED)  # with this block's gate as calibrated
+
+
+def _calibrate_gate(block: Any, target: Tensor, inputs: Tensor, index: int) -> None:
+    """`calibrate_gates` for one block, on its `inputs` [N, C_in, H, W]."""
+    gate = block.gate
+    if gate is None or gate.expand.bias is None:
+        raise ValueError("calibrate_gates needs gates with a bias: build the encoder with gate_bias_init=0.0")
+    target = target.expand(gate.out_channels)
+    if ((target < 0) | (target > 1)).any():
+        raise ValueError(f"calibration densities must lie in [0, 1], got {target.tolist()} for block {index}")
+    hidden = gate.bn(gate.reduce(inputs.mean(dim=(2, 3), keepdim=True))).flatten(1)  # before the ReLU
+    gate.bn.bias.sub_(torch.quantile(hidden, 0.1, dim=0))
+    gate.expand.bias.zero_()
+    logits = gate.logits(inputs).double()  # [N, C_b]
+    ordered = logits.sort(dim=0).values
+    n = ordered.shape[0]
+    threshold = torch.empty(gate.out_channels, dtype=torch.float64)
+    for c, f in enumerate(target.tolist()):
+        keep = round(f * n)  # images that keep channel c: the `keep` largest logits
+        if keep >= n:
+            threshold[c] = ordered[0, c] - 1e3
+        elif keep <= 0:
+            threshold[c] = ordered[-1, c] + 1e3
+        else:
+            threshold[c] = 0.5 * (ordered[n - keep - 1, c] + ordered[n - keep, c])
+    gate.expand.bias.copy_((-threshold).to(gate.expand.bias.dtype))
 
 
 def calibrated_setup(
@@ -203,6 +215,30 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+_ONEDNN_PROBE = (
+    "import torch, torch.nn.functional as F; "
+    "F.conv2d(torch.randn(1, 8, 8, 8).to_mkldnn(), torch.randn(8, 8, 3, 3).to_mkldnn(), padding=1)"
+)
+
+
+@functools.cache
+def onednn_isa() -> str:
+    """The instruction set oneDNN dispatches to in this environment (it honours `ONEDNN_MAX_CPU_ISA`), as its
+    verbose mode names it, e.g. "Intel AVX2": read from a child process's ONEDNN_VERBOSE info line, since oneDNN
+    prints it once per process, to the C stdout. "unknown" if it cannot be read."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _ONEDNN_PROBE],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "ONEDNN_VERBOSE": "1"},
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    for line in result.stdout.splitlines():
+        if ",isa:" in line:
+            return line.split(",isa:", 1)[1].strip()
+    return "unknown"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -242,7 +278,25 @@ def measure(
         raise ValueError(f"unknown plan={plan!r}; allowed values: {list(PLANS)}")
     if batch_size < 1 or threads < 1 or rounds < 1:
         raise ValueError(f"batch_size={batch_size}, threads={threads}, rounds={rounds} must be >= 1")
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _measure(setup, batch_size, threads, rounds, warmup, device, plan, executions, kernel)
+    finally:
+        torch.set_num_threads(previous_threads)  # the caller's process-wide setting, as it was
+
+
+def _measure(
+    setup: BenchSetup,
+    batch_size: int,
+    threads: int,
+    rounds: int,
+    warmup: int,
+    device: str,
+    plan: str,
+    executions: Sequence[str],
+    kernel: str,
+) -> dict[str, Any]:
     dev = torch.device(device)
     gated, dense = setup.gated.to(dev).eval(), setup.dense.to(dev).eval()
     image_size = setup.images.shape[-1]
@@ -262,14 +316,20 @@ def measure(
     folded_slim = FoldedResNet(slim, Branch.DENSE).to(dev)
     inputs = [b.to(dev) for b in batches(setup.images, batch_size)]
     native_runs: dict[str, FoldedResNet] = {}
+    left_out: list[str] = []
     for name, network in (("dense_native", dense), ("slim_native", slim)):
         if name in executions:
             try:
                 engine = FoldedResNet(network, Branch.DENSE, kernel="native").to(dev)
             except NativeKernelError as err:
-                raise NativeKernelError(
-                    f"{err}\nexecutions dense_native and slim_native need it: leave them out of executions="
-                ) from None
+                if kernel == "native":
+                    raise NativeKernelError(
+                        f"{err}\nexecutions dense_native and slim_native need it: leave them out of executions="
+                    ) from None
+                # kernel auto/torch: the networks' oneDNN engines are timed alone, as sparse runs the torch kernel
+                log.warning("%s left out (no compiled kernel): %s", name, err)
+                left_out.append(name)
+                continue
             engine.set_plan(batch_size, [BlockPath.SAMPLE] * len(engine.blocks))
             native_runs[name] = engine
     if plan == "tune":
@@ -294,7 +354,7 @@ def measure(
         "masked_eager": lambda x: gated(x, Branch.GATED),
         "slim_eager": lambda x: slim(x, Branch.DENSE),
     }
-    unknown = sorted(set(executions) - set(calls))
+    unknown = sorted(set(executions) - set(calls) - set(left_out))
     if unknown or "dense" not in executions:
         raise ValueError(f"executions must include 'dense' and come from {list(calls)}; unknown: {unknown}")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -310,7 +370,10 @@ def measure(
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     with torch.inference_mode():
         times = interleaved_times(
-            {name: over_batches(calls[name]) for name in executions}, rounds, warmup=warmup, rotate=True
+            {name: over_batches(calls[name]) for name in executions if name not in left_out},
+            rounds,
+            warmup=warmup,
+            rotate=True,
         )
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     per_batch = {name: [t / len(inputs) for t in ts] for name, ts in times.items()}
@@ -356,7 +419,12 @@ def measure(
             "plan": paths,
             "plan_choice": plan,
             "kernel": sparse.kernel,
-            "kernel_avx512": native.uses_avx512() if sparse.kernel == "native" else None,  # else portable C loops
+            "executions_left_out": left_out,  # *_native without a compiled kernel (kernel auto or torch)
+            "kernel_isa": sparse.kernel_isa,  # the compiled kernel's variant (vdg.deploy.native.ISAS), None: torch
+            "cpu": cpu_name(),
+            "cpu_isa": native.cpu_isa() if native.available() else None,  # the widest kernel variant the CPU runs
+            "onednn_isa": onednn_isa() if dev.type == "cpu" else None,  # the widest oneDNN used (ONEDNN_MAX_CPU_ISA)
+            "aten_isa": torch.backends.cpu.get_cpu_capability(),  # ATen's vector kernels (ATEN_CPU_CAPABILITY)
             "engines": engines,
             "density_per_block": cost.channel_density(active).tolist(),
             "slim_widths": widths,
@@ -385,7 +453,10 @@ One row per run, appended by each run. Columns:
   execution="masked")` runs this way).
 - sparse/dense, slim/dense: medians of per-round ratios against the dense network's faster engine; sparse/dense
   eager: against the eager dense module. max rel diff: sparse features vs the masked eager reference.
-- plan: the sparse execution's path per block (s = per sample, m = masked) and its kernel (native = compiled).
+- plan: the sparse execution's path per block (s = per sample, m = masked) and its kernel (native = compiled,
+  with the variant it ran: avx512, avx2 or portable; `VDG_KERNEL_ISA` forces one).
+- ISA: the widest instruction set oneDNN used (its verbose `isa:` line; `ONEDNN_MAX_CPU_ISA` caps it) and
+  ATen's vector kernels (`ATEN_CPU_CAPABILITY`), so that a row emulating an AVX2 CPU on a wider one says so.
 - load: the machine's 1-minute load average before and after timing (2 cores here: above ~0.5 the machine was
   shared and the figures are noisy; a 2-thread run itself brings it towards 2).
 
@@ -395,7 +466,7 @@ One row per run, appended by each run. Columns:
 COLUMNS = (
     "date", "device", "threads", "torch", "masks", "width", "input", "batch", "FLOPs ratio", "dense ms", "masked ms",
     "sparse ms", "slim ms", "sparse/dense", "slim/dense", "dense eager ms", "sparse/dense eager", "max rel diff",
-    "plan", "engines", "load",
+    "plan", "engines", "ISA", "load",
 )  # fmt: skip
 
 
@@ -449,8 +520,10 @@ def append_row(result: Mapping[str, Any], path: str | Path) -> Path:
         f"{result['max_rel_diff']:.1e}",
         plan_text
         + ("" if result.get("plan_choice", "default") == "default" else f" ({result['plan_choice']})")
-        + (f", {result['kernel']}" if result.get("kernel") else ""),
+        + (f", {result['kernel']}" if result.get("kernel") else "")
+        + (f" ({result['kernel_isa']})" if result.get("kernel_isa") else ""),
         ", ".join(f"{k}: {v}" for k, v in result.get("engines", {}).items()),
+        f"oneDNN {result.get('onednn_isa') or '?'}; ATen {result.get('aten_isa') or '?'}",
         load,
     ]
     atomic_write_text(path, text + "| " + " | ".join(str(c) for c in cells) + " |\n")

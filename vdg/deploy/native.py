@@ -13,20 +13,27 @@ path ran 0.84x the folded dense blocks' time, the compiled kernel 0.51x with the
 C file needs no PyTorch headers, so it compiles in about a second with the system C compiler; a C++ extension
 would take a minute and a build toolchain for PyTorch.
 
-Built on first use with `$VDG_CC` (else `$CC`, else `cc`): `-O3 -march=native -fopenmp`, cached under
-`$VDG_KERNEL_CACHE` (else `$XDG_CACHE_HOME/vdg/kernels`, else `~/.cache/vdg/kernels`) by a hash of the source,
-flags, compiler and CPU, so a cache shared between machines never hands a library to a CPU it was not built for.
-OpenMP comes from the `libgomp.so.1` that PyTorch has already loaded (same soname), so the kernel's threads are
-PyTorch's intra-op threads, not a second pool competing for the cores.
+Built on first use with `$VDG_CC` (else `$CC`, else `cc`): `-O3 -fopenmp` (no `-march=native`: the AVX-512 and
+AVX2 tiles are compiled per function, and the CPU's widest is chosen at run time, `kernel_isa`; `VDG_KERNEL_ISA`
+forces one). Cached under `$VDG_KERNEL_CACHE` (else `$XDG_CACHE_HOME/vdg/kernels`, else `~/.cache/vdg/kernels`),
+named by a hash of the source, flags, the compiler's name and the machine type, so a cached library is found
+without running the compiler (it need not be installed); a sidecar `.json` written atomically at build time
+records its size, SHA-256 and the compiler's version, and a library that does not match it (truncated, empty,
+overwritten) is rebuilt once, never loaded. A compiler without OpenMP gets a second try without `-fopenmp` (the
+kernel then runs on one thread). OpenMP comes from the `libgomp.so.1` that PyTorch has already loaded (same
+soname), so the kernel's threads are PyTorch's intra-op threads, not a second pool competing for the cores.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import platform
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -37,8 +44,15 @@ from torch import Tensor
 from vdg.core.errors import VdgError
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_block.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-VERSION = 6  # vdg_sparse_kernel_version() of the source this module speaks to
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+VERSION = 7  # vdg_sparse_kernel_version() of the source this module speaks to
+ISAS = ("portable", "avx2", "avx512")  # the kernel's variants, in the C source's ISA_* order (narrowest first)
+COMPILE_TIMEOUT_S = 120  # a compiler that hangs (a licence server, a wedged NFS mount) is reported, not waited on
+
+
+def compile_timeout() -> float:
+    """Seconds a compile may take: `$VDG_COMPILE_TIMEOUT_S`, else COMPILE_TIMEOUT_S."""
+    return float(os.environ.get("VDG_COMPILE_TIMEOUT_S") or COMPILE_TIMEOUT_S)
 
 
 class NativeKernelError(VdgError, RuntimeError):
@@ -48,6 +62,7 @@ class NativeKernelError(VdgError, RuntimeError):
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _error: NativeKernelError | None = None
+_TORCH_HINT = "or use the PyTorch kernel: kernel='torch' (slower, same outputs)"
 
 
 def compiler() -> str:
@@ -61,59 +76,156 @@ def cache_dir() -> Path:
     return Path(base) / "vdg" / "kernels"
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU's model and feature flags."""
+def library_path() -> Path:
+    """Where the library of this source, these flags and this compiler name lives; runs nothing."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS), compiler(), platform.machine(), sys.platform):
+        key.update(part if isinstance(part, bytes) else part.encode())
+        key.update(b"\0")
+    return cache_dir() / f"sparse_block-{key.hexdigest()[:16]}.so"
+
+
+def sidecar_path(library: Path) -> Path:
+    return library.with_suffix(".json")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _looks_like_a_library(path: Path) -> bool:
+    """A shared library's header: ELF on Linux (Mach-O and others are not checked beyond being non-empty)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("flags", "model name", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
+        with open(path, "rb") as f:
+            head = f.read(4)
     except OSError:
-        return platform.processor() or platform.machine()
+        return False
+    if sys.platform.startswith("linux"):
+        return head == b"\x7fELF"
+    return len(head) == 4
+
+
+def is_valid(path: Path) -> bool:
+    """The cached library matches the sidecar written when it was built: size, ELF header and SHA-256. (A
+    truncated library makes the loader die with SIGBUS, not an error; it must never reach ctypes.)"""
+    try:
+        record = json.loads(sidecar_path(path).read_text())
+        return (
+            path.stat().st_size == record["size"] > 0
+            and _looks_like_a_library(path)
+            and _sha256(path) == record["sha256"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _discard(path: Path) -> None:
+    for stale in (path, sidecar_path(path)):
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise NativeKernelError(f"cannot replace the bad cached kernel {stale} ({err}); delete it") from None
 
 
 def _compiler_version(cc: str) -> str:
     try:
         result = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as err:
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (result.stdout or result.stderr).strip().splitlines()[0] if (result.stdout or result.stderr) else "unknown"
+
+
+def _compile(flags: tuple[str, ...], output: str) -> subprocess.CompletedProcess:
+    cc = compiler()
+    command = [cc, *flags, str(SOURCE), "-o", output]
+    try:  # its own process group: a compiler that times out is killed with its children (which hold the pipes)
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+    except OSError as err:
         raise NativeKernelError(
             f"sparse execution's compiled kernel needs a C compiler; {cc!r} could not be run ({err}). Install gcc "
-            "(or set VDG_CC to a C compiler), or use the PyTorch kernel: kernel='torch' (slower, same outputs)"
+            f"(or set VDG_CC to a C compiler), {_TORCH_HINT}"
         ) from None
-    return result.stdout + result.stderr
+    try:
+        stdout, stderr = proc.communicate(timeout=compile_timeout())
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise NativeKernelError(
+            f"compiling sparse execution's kernel timed out after {compile_timeout():g} s: {' '.join(command)}; "
+            f"set VDG_CC to a working C compiler, {_TORCH_HINT}"
+        ) from None
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
-def library_path() -> Path:
-    cc = compiler()
-    key = hashlib.sha256()
-    parts = (SOURCE.read_bytes(), " ".join(FLAGS), _compiler_version(cc), _cpu_signature(), platform.machine())
-    for part in parts:
-        key.update(part if isinstance(part, bytes) else part.encode())
-    return cache_dir() / f"sparse_block-{key.hexdigest()[:16]}.so"
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def build() -> Path:
-    """Compile the kernel into the cache (atomically: a temporary file renamed into place) unless it is there."""
+    """Compile the kernel into the cache unless a valid one is there (`is_valid`); a bad one is rebuilt.
+
+    Atomically: the library is compiled into a temporary file and renamed into place, then its sidecar is; a
+    library without a matching sidecar is never loaded."""
     path = library_path()
-    if path.exists():
-        return path
+    if path.exists() or sidecar_path(path).exists():
+        if is_valid(path):
+            return path
+        _discard(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     except OSError as err:
         raise NativeKernelError(
-            f"cannot create the kernel cache {path.parent} ({err}); set VDG_KERNEL_CACHE to a writable folder"
+            f"cannot write the kernel cache {path.parent} ({err.strerror or err}); set VDG_KERNEL_CACHE to a "
+            f"writable folder, {_TORCH_HINT}"
         ) from None
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    command = [compiler(), *FLAGS, str(SOURCE), "-o", tmp]
+    cc = compiler()
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        flags, result = FLAGS, _compile(FLAGS, tmp)
+        if result.returncode != 0:  # no OpenMP (clang without libomp): one thread is better than no kernel
+            without = tuple(f for f in FLAGS if f != "-fopenmp")
+            retry = _compile(without, tmp)
+            if retry.returncode == 0:
+                flags, result = without, retry
         if result.returncode != 0:
             raise NativeKernelError(
-                f"compiling sparse execution's kernel failed: {' '.join(command)}\n{result.stderr.strip()}\n"
-                "Set VDG_CC to a C compiler with OpenMP (gcc), or use kernel='torch' (slower, same outputs)"
+                f"compiling sparse execution's kernel failed: {' '.join([cc, *FLAGS, str(SOURCE)])}\n"
+                f"{result.stderr.strip()}\nSet VDG_CC to a C compiler (gcc), {_TORCH_HINT}"
+            )
+        size = os.path.getsize(tmp)
+        if size == 0 or not _looks_like_a_library(Path(tmp)):
+            raise NativeKernelError(
+                f"the C compiler {cc!r} exited 0 but wrote no library ({size} bytes at {tmp}); set VDG_CC to a "
+                f"working C compiler, {_TORCH_HINT}"
             )
         os.chmod(tmp, 0o755)
+        record = {
+            "size": size,
+            "sha256": _sha256(Path(tmp)),
+            "compiler": cc,
+            "compiler_version": _compiler_version(cc),
+            "flags": list(flags),
+            "source_sha256": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        }
         os.replace(tmp, path)
+        _write_atomically(sidecar_path(path), json.dumps(record, indent=1) + "\n")
+    except OSError as err:
+        raise NativeKernelError(
+            f"cannot write the kernel cache {path.parent} ({err.strerror or err}); set VDG_KERNEL_CACHE to a "
+            f"writable folder, {_TORCH_HINT}"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -134,10 +246,25 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.POINTER(Params), ptr, i64, i64, i64, ptr, i32, ptr, ptr, i64, i32]
     lib.vdg_sparse_kernel_version.restype = ctypes.c_int
-    lib.vdg_sparse_kernel_avx512.restype = ctypes.c_int
+    lib.vdg_sparse_kernel_cpu_isa.restype = ctypes.c_int
     if lib.vdg_sparse_kernel_version() != VERSION:
         raise NativeKernelError(f"{lib._name}: kernel version {lib.vdg_sparse_kernel_version()}, expected {VERSION}")
     return lib
+
+
+def _load() -> ctypes.CDLL:
+    """Build (or find) and load the library; a cached one that fails to load is rebuilt once."""
+    torch.get_num_threads()  # PyTorch (and its libgomp) is loaded before the kernel binds to it
+    for attempt in (1, 2):
+        path = build()
+        try:
+            return _bind(ctypes.CDLL(str(path)))
+        except (OSError, AttributeError) as err:
+            if attempt == 2:
+                message = f"loading sparse execution's kernel {path} failed: {err}; {_TORCH_HINT}"
+                raise NativeKernelError(message) from None
+            _discard(path)
+    raise AssertionError("unreachable")
 
 
 def library() -> ctypes.CDLL:
@@ -146,12 +273,9 @@ def library() -> ctypes.CDLL:
     with _lock:
         if _library is None and _error is None:
             try:
-                torch.get_num_threads()  # PyTorch (and its libgomp) is loaded before the kernel binds to it
-                _library = _bind(ctypes.CDLL(str(build())))
+                _library = _load()
             except NativeKernelError as err:
                 _error = err
-            except OSError as err:
-                _error = NativeKernelError(f"loading sparse execution's kernel failed: {err}")
         if _error is not None:
             raise _error
         return _library
@@ -165,8 +289,26 @@ def available() -> bool:
     return True
 
 
-def uses_avx512() -> bool:
-    return bool(library().vdg_sparse_kernel_avx512())
+def cpu_isa() -> str:
+    """The widest variant of the kernel this CPU runs: "avx512", "avx2" (AVX2 and FMA) or "portable"."""
+    return ISAS[library().vdg_sparse_kernel_cpu_isa()]
+
+
+def kernel_isa() -> str:
+    """The variant the kernel runs: `$VDG_KERNEL_ISA` when set (so that every variant can be tested and timed on
+    one machine), else `cpu_isa()`. A variant the CPU lacks is a ValueError naming what it has."""
+    wanted = os.environ.get("VDG_KERNEL_ISA", "").strip().lower()
+    widest = cpu_isa()
+    if not wanted:
+        return widest
+    if wanted not in ISAS:
+        raise ValueError(f"VDG_KERNEL_ISA={wanted!r}: allowed values {list(ISAS)}; this CPU runs up to {widest!r}")
+    if ISAS.index(wanted) > ISAS.index(widest):
+        supported = ISAS[: ISAS.index(widest) + 1]
+        raise ValueError(
+            f"VDG_KERNEL_ISA={wanted!r}, but this CPU runs only {list(supported)} (allowed values {list(ISAS)})"
+        )
+    return wanted
 
 
 def output_tile(c_out: int) -> int:
@@ -230,6 +372,7 @@ class NativeBlock:
         elif self.c_in != self.c_out or self.stride != 1:
             raise ValueError(f"an identity shortcut needs C_in == C_out and stride 1, got {self.c_in} -> "
                              f"{self.c_out}, stride {self.stride}: pass the block's downsample")
+        self.isa = kernel_isa()
         self.gate = None
         self.hidden = 0
         if gate is not None:  # the kernel takes both gate matrices transposed (see gate_mask in the C source)
@@ -260,14 +403,15 @@ class NativeBlock:
         scratch: Tensor,
         threads: int,
         use_gate: bool = True,
-        portable: bool = False,
+        isa: str | None = None,
     ) -> Tensor:
         """out = relu(conv2_active(relu(conv1_active(x) + b1)) + b2 + shortcut(x)), reading only active weights.
 
         x [N, H, W, C_in] (channels_last images), out [N, Ho, Wo, C_out], mask [N, C] bool: written
         with the gate's masks when use_gate (the block has a gate), else read. scratch: >= `scratch_size` float32.
-        At N = 1 the sample's tiles are shared over `threads` threads, at N > 1 the samples. portable=True: the
-        plain C loops instead of the AVX-512 ones (for tests; same outputs up to round-off). Returns out.
+        At N = 1 the sample's tiles are shared over `threads` threads, at N > 1 the samples. isa: one of `ISAS`
+        (this CPU's, `cpu_isa`, at most) instead of the block's `kernel_isa` (same outputs up to round-off). Returns
+        out.
         """
         n, h, w, c_in = x.shape
         ho, wo = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
@@ -282,7 +426,9 @@ class NativeBlock:
             raise ValueError(f"scratch: need >= {needed} contiguous float32 elements")
         if use_gate and self.gate is None:
             raise ValueError("use_gate=True, but the block was given no gate")
-        return self.run_trusted(x, out, mask, scratch, threads, use_gate, portable)
+        if isa is not None and (isa not in ISAS or ISAS.index(isa) > ISAS.index(cpu_isa())):
+            raise ValueError(f"isa={isa!r}: allowed values {list(ISAS)}, up to {cpu_isa()!r} on this CPU")
+        return self.run_trusted(x, out, mask, scratch, threads, use_gate, isa)
 
     def run_trusted(
         self,
@@ -292,17 +438,17 @@ class NativeBlock:
         scratch: Tensor,
         threads: int,
         use_gate: bool = True,
-        portable: bool = False,
+        isa: str | None = None,
     ) -> Tensor:
         """`__call__` without its checks, for callers that made every tensor themselves to the documented shapes
         (`FoldedBlock.native_sampled`): a wrong shape here is memory corruption, not an error."""
         n, h, w, _ = x.shape
         status = library().vdg_sparse_block(
             self._params_ref, x.data_ptr(), n, h, w, mask.data_ptr(), int(use_gate), out.data_ptr(),
-            scratch.data_ptr(), threads, int(portable),
+            scratch.data_ptr(), threads, ISAS.index(isa or self.isa),
         )
         if status == -1:
             raise MemoryError("sparse execution's kernel could not allocate its index buffers")
-        if status != 0:  # -2: a gate asked of a block without one, -3: a tile size the kernel has no code for
+        if status != 0:  # -2: a gate asked of a block without one, -3: a tile size with no code, -4: a bad isa
             raise RuntimeError(f"sparse execution's kernel refused the block (status {status}); a vdg bug")
         return out

@@ -212,16 +212,27 @@ class FoldedBlock:
         """The per-sample path over a batch x [N, C_in, H, W] (channels_last, CPU, float32) with the compiled
         kernel, gate included: one call for the batch. Returns (output, mask). A block without a gate (dense and
         slim networks) runs every channel: the same kernel as a plain convolution pair."""
-        n, c_in, h, w = x.shape
-        if c_in != self.in_planes or not x.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError(f"block input: need channels_last [N, {self.in_planes}, H, W], got {list(x.shape)}")
+        if self.native is None:
+            raise ValueError("native_sampled needs the compiled kernel: use_kernel('native') first")
+        if (
+            x.ndim != 4
+            or x.shape[1] != self.in_planes
+            or x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or not x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            raise ValueError(
+                f"block input: need a channels_last float32 CPU tensor [N, {self.in_planes}, H, W], got "
+                f"{x.dtype} {list(x.shape)} on {x.device}"
+            )
+        n, _, h, w = x.shape
         ho, wo = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
         out = torch.empty(n, self.planes, ho, wo, dtype=x.dtype, memory_format=torch.channels_last)
         gated = self.gate is not None
         mask = torch.empty(n, self.mid, dtype=torch.bool) if gated else self._all_on(n)
         threads = torch.get_num_threads()
         scratch = self.workspace.get("native.mid", self.native.scratch_size(ho, wo, threads), x)
-        # every tensor here was made to the kernel's shapes just above: the checked call would only repeat that
+        # every tensor here was made (or checked) to the kernel's shapes just above: the checked call would repeat it
         self.native.run_trusted(x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1), mask, scratch, threads, gated)
         return out, mask if gated else None
 
@@ -251,15 +262,19 @@ _kernel_warned = False
 
 def resolve_kernel(kernel: str) -> str:
     """The per-sample path's kernel: "native" (the compiled one, `vdg.deploy.native`), "torch" (gathered weights
-    and oneDNN matmuls: no compiler needed, slower) or "auto" (native when it builds here, else torch with a
-    warning saying why). Both give the same outputs up to float round-off."""
+    and oneDNN matmuls: no compiler needed, slower) or "auto". Both give the same outputs up to float round-off.
+
+    "auto": native where its variant for this CPU (`native.kernel_isa`) was measured faster than the dense
+    network, i.e. the AVX-512 and AVX2 tiles; the portable C loops (CPUs without AVX2, or VDG_KERNEL_ISA=portable)
+    ran 3-6x the dense network's time at width 64 (docs/deploy.md), so auto takes the PyTorch kernel there. When
+    the kernel cannot be built or loaded, auto warns once, saying why, and takes the PyTorch kernel."""
     global _kernel_warned
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel={kernel!r}; allowed values: {list(KERNELS)}")
     if kernel == "torch":
         return kernel
     try:
-        native.library()
+        isa = native.kernel_isa()
     except native.NativeKernelError as err:
         if kernel == "native":
             raise
@@ -267,7 +282,14 @@ def resolve_kernel(kernel: str) -> str:
             _kernel_warned = True
             log.warning("sparse execution uses kernel='torch' (slower): %s", err)
         return "torch"
+    if kernel == "auto" and isa not in AUTO_NATIVE_ISAS:
+        return "torch"
     return "native"
+
+
+# The kernel variants that kernel="auto" runs: measured faster than the dense network in every block of the width-8
+# and width-64 CIFAR ResNet-18 at batch 1 and 64 (docs/deploy.md, "Which kernel auto takes").
+AUTO_NATIVE_ISAS = ("avx512", "avx2")
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -401,6 +423,11 @@ class FoldedResNet(nn.Module):
     @property
     def gated(self) -> bool:
         return self.branch is Branch.GATED
+
+    @property
+    def kernel_isa(self) -> str | None:
+        """The compiled kernel's variant (`native.ISAS`) the blocks run, or None with the PyTorch kernel."""
+        return self.blocks[0].native.isa if self.kernel == "native" else None
 
     def set_plan(self, batch_size: int, paths: Sequence[str | BlockPath]) -> None:
         if len(paths) != len(self.blocks):

@@ -315,7 +315,9 @@ def _vdg_export(path: Path) -> tuple[nn.Module, nn.Module | None, dict[str, Any]
     from vdg.deploy.export import load_backbone
 
     try:
-        backbone = load_backbone(path)
+        # masked whatever the export's default: a teacher is an nn.Module in a training step (train()/eval(),
+        # autograd-compatible tensors); FoldedResNet (folded, sparse) is inference-only and returns inference tensors
+        backbone = load_backbone(path, execution="masked")
     except (ValueError, FileNotFoundError) as err:
         raise TeacherError(f"teacher.path: {err}") from err
     meta = backbone.config
