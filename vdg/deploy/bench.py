@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vdg.core.errors import ConfigError
 from vdg.deploy import native
 from vdg.deploy.native import NativeKernelError
 from vdg.deploy.slim import profile_from_masks, slim_resnet, slim_widths
@@ -83,7 +84,7 @@ def calibrate_gates(encoder: GatedResNet, images: Tensor, frequency: Sequence[fl
     the images (trained gates need no such help; the shift touches only the gate).
     """
     if len(frequency) != len(encoder.blocks):
-        raise ValueError(f"calibration needs one density per block ({len(encoder.blocks)}), got {len(frequency)}")
+        raise ConfigError(f"calibration needs one density per block ({len(encoder.blocks)}), got {len(frequency)}")
     inputs = _block_inputs(encoder, images, 0)  # block `index`'s input, carried along: one forward in all
     for index, (block, target) in enumerate(zip(encoder.blocks, frequency, strict=True)):
         if target is not None:
@@ -96,10 +97,11 @@ def _calibrate_gate(block: Any, target: Tensor, inputs: Tensor, index: int) -> N
     """`calibrate_gates` for one block, on its `inputs` [N, C_in, H, W]."""
     gate = block.gate
     if gate is None or gate.expand.bias is None:
+        # not user input: bench builds its encoders with gate biases
         raise ValueError("calibrate_gates needs gates with a bias: build the encoder with gate_bias_init=0.0")
     target = target.expand(gate.out_channels)
     if ((target < 0) | (target > 1)).any():
-        raise ValueError(f"calibration densities must lie in [0, 1], got {target.tolist()} for block {index}")
+        raise ConfigError(f"calibration densities must lie in [0, 1], got {target.tolist()} for block {index}")
     hidden = gate.bn(gate.reduce(inputs.mean(dim=(2, 3), keepdim=True))).flatten(1)  # before the ReLU
     gate.bn.bias.sub_(torch.quantile(hidden, 0.1, dim=0))
     gate.expand.bias.zero_()
@@ -275,9 +277,9 @@ def measure(
     per-sample kernel (`vdg.deploy.sparse.resolve_kernel`); dense_native and slim_native always need the compiled one.
     """
     if plan not in PLANS:
-        raise ValueError(f"unknown plan={plan!r}; allowed values: {list(PLANS)}")
+        raise ConfigError(f"unknown plan={plan!r}; allowed values: {list(PLANS)}")
     if batch_size < 1 or threads < 1 or rounds < 1:
-        raise ValueError(f"batch_size={batch_size}, threads={threads}, rounds={rounds} must be >= 1")
+        raise ConfigError(f"batch_size={batch_size}, threads={threads}, rounds={rounds} must be >= 1")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -356,7 +358,7 @@ def _measure(
     }
     unknown = sorted(set(executions) - set(calls) - set(left_out))
     if unknown or "dense" not in executions:
-        raise ValueError(f"executions must include 'dense' and come from {list(calls)}; unknown: {unknown}")
+        raise ConfigError(f"executions must include 'dense' and come from {list(calls)}; unknown: {unknown}")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def over_batches(call: Callable[[Tensor], Any]) -> Callable[[], None]:

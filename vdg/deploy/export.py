@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vdg.core.errors import CheckpointError
+from vdg.core.errors import CheckpointError, ConfigError
 from vdg.core.options import check_bool, check_choice
 from vdg.deploy.sparse import FoldedResNet
 from vdg.models import BackboneOutput, Branch, GatedResNet
@@ -39,7 +39,7 @@ class BranchBackbone(nn.Module):
         super().__init__()
         self.branch = Branch.parse(branch)
         if self.branch not in encoder.branches:
-            raise ValueError(f"the encoder serves {[b.value for b in encoder.branches]}, not {self.branch.value!r}")
+            raise ConfigError(f"the encoder serves {[b.value for b in encoder.branches]}, not {self.branch.value!r}")
         self.encoder = encoder
         self.config = dict(config or {})
 
@@ -56,7 +56,7 @@ class BranchBackbone(nn.Module):
 
 def _build_encoder(arch: dict[str, Any], branch: Branch, gate_temperature: float) -> GatedResNet:
     if arch.get("name") != "resnet18":
-        raise ValueError(f"cannot build backbone {arch.get('name')!r}; vdg exports resnet18 encoders")
+        raise CheckpointError(f"cannot build backbone {arch.get('name')!r}; vdg exports resnet18 encoders")
     return GatedResNet(
         width=int(arch["width"]),
         stem=str(arch["stem"]),
@@ -81,7 +81,7 @@ def branch_encoder(backbone: nn.Module, branch: str | Branch) -> GatedResNet:
     if not isinstance(source, GatedResNet):  # vdg_2x: one encoder per branch
         source = backbone.gated_encoder if branch is Branch.GATED else backbone.dense_encoder
     if branch not in source.branches:
-        raise ValueError(f"this backbone serves {[b.value for b in source.branches]}, not {branch.value!r}")
+        raise ConfigError(f"this backbone serves {[b.value for b in source.branches]}, not {branch.value!r}")
     gate = source.blocks[0].gate
     encoder = _build_encoder(source.arch_config(), branch, gate.temperature if gate is not None else 2.0 / 3.0)
     weights = source.state_dict()
@@ -161,7 +161,7 @@ def export_backbone(
     branch = require_branch(model, branch)
     if (execution == "sparse" or slim) and branch is not Branch.GATED:
         what = "execution=sparse" if execution == "sparse" else "slim=true"
-        raise ValueError(f"{what} needs the gated network (branch=gated): the dense network has no gates")
+        raise ConfigError(f"{what} needs the gated network (branch=gated): the dense network has no gates")
     encoder = branch_encoder(model.backbone, branch)
     slim_info = None
     if slim:
@@ -273,7 +273,7 @@ def check_export_config(cfg: Any) -> None:
 def _read_export(path: Path) -> tuple[dict[str, Any], Path]:
     """The export JSON and the weights file for `path` (any of the three files of one export)."""
     if path.suffix not in (*WEIGHT_SUFFIXES, ".json"):
-        raise ValueError(f"{path}: expected an exported .safetensors, .pt or .json file (scripts/export.py)")
+        raise CheckpointError(f"{path}: expected an exported .safetensors, .pt or .json file (scripts/export.py)")
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
         try:
@@ -289,13 +289,13 @@ def _read_export(path: Path) -> tuple[dict[str, Any], Path]:
         except Exception as err:  # SafetensorError: a corrupt or foreign file
             raise CheckpointError(f"cannot read {path}: corrupt or not a safetensors file ({err})") from None
         if header is None:
-            raise ValueError(f"{path} is not a vdg export: no {sidecar.name} and no vdg metadata in the file")
+            raise CheckpointError(f"{path} is not a vdg export: no {sidecar.name} and no vdg metadata in the file")
         metadata = json.loads(header)
     else:
         raise FileNotFoundError(f"{sidecar} not found: it describes the architecture of the exported weights")
     if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
         found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
-        raise ValueError(f"{sidecar} is not a vdg backbone export (format {found!r})")
+        raise CheckpointError(f"{sidecar} is not a vdg backbone export (format {found!r})")
     if path.suffix in WEIGHT_SUFFIXES:
         weights = path
     else:  # the JSON: prefer safetensors
@@ -353,13 +353,13 @@ def load_backbone(
     exported = Branch.parse(metadata["branch"])
     if branch is not None and Branch.parse(branch) is not exported:
         wanted = Branch.parse(branch).value
-        raise ValueError(
+        raise ConfigError(
             f"{path} holds the {exported.value} branch, not {wanted!r}; export that one with "
             f"`python scripts/export.py ckpt={metadata['source']['checkpoint']} branch={wanted}`"
         )
     execution = check_choice("execution", execution or metadata.get("execution") or "masked", EXECUTIONS)
     if execution == "sparse" and exported is not Branch.GATED:
-        raise ValueError(
+        raise ConfigError(
             f"execution='sparse' skips gated-off channels, and {path} holds the dense network, which has no gates; "
             "use execution='folded' (or 'masked')"
         )

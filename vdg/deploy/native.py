@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vdg.core.errors import VdgError
+from vdg.core.errors import ConfigError, VdgError
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_block.c"
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
@@ -302,10 +302,10 @@ def kernel_isa() -> str:
     if not wanted:
         return widest
     if wanted not in ISAS:
-        raise ValueError(f"VDG_KERNEL_ISA={wanted!r}: allowed values {list(ISAS)}; this CPU runs up to {widest!r}")
+        raise ConfigError(f"VDG_KERNEL_ISA={wanted!r}: allowed values {list(ISAS)}; this CPU runs up to {widest!r}")
     if ISAS.index(wanted) > ISAS.index(widest):
         supported = ISAS[: ISAS.index(widest) + 1]
-        raise ValueError(
+        raise ConfigError(
             f"VDG_KERNEL_ISA={wanted!r}, but this CPU runs only {list(supported)} (allowed values {list(ISAS)})"
         )
     return wanted
@@ -329,6 +329,7 @@ def block_conv2(weight: Tensor, tile: int) -> Tensor:
 
 def _check(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
     if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
+        # not user input: the engines pass the kernel its own prepacked tensors
         raise ValueError(
             f"{name}: need a contiguous float32 CPU tensor of shape {list(shape)}, "
             f"got {t.dtype} {list(t.shape)} on {t.device} (contiguous={t.is_contiguous()})"
@@ -370,6 +371,7 @@ class NativeBlock:
             self.b2 = (self.b2 + bd).contiguous()  # the kernel adds one bias for conv2 and the shortcut
             _check("downsample", self.wd, (-(-self.c_out // self.tile), self.c_in, 1, self.tile))
         elif self.c_in != self.c_out or self.stride != 1:
+            # not user input: the engines build blocks from a network's own shapes
             raise ValueError(f"an identity shortcut needs C_in == C_out and stride 1, got {self.c_in} -> "
                              f"{self.c_out}, stride {self.stride}: pass the block's downsample")
         self.isa = kernel_isa()
@@ -420,14 +422,17 @@ class NativeBlock:
         _check("out", out, (n, ho, wo, self.c_out))
         if mask.dtype != torch.bool or tuple(mask.shape) != (n, self.c) or not mask.is_contiguous():
             got = f"{mask.dtype} {list(mask.shape)}"
+            # not user input: the engines pass their own masks
             raise ValueError(f"mask: need a contiguous bool tensor [{n}, {self.c}], got {got}")
         needed = self.scratch_size(ho, wo, threads)
         if scratch.dtype != torch.float32 or not scratch.is_contiguous() or scratch.numel() < needed:
+            # not user input: the engines size their own scratch
             raise ValueError(f"scratch: need >= {needed} contiguous float32 elements")
         if use_gate and self.gate is None:
+            # not user input: the engines pass their own gates
             raise ValueError("use_gate=True, but the block was given no gate")
         if isa is not None and (isa not in ISAS or ISAS.index(isa) > ISAS.index(cpu_isa())):
-            raise ValueError(f"isa={isa!r}: allowed values {list(ISAS)}, up to {cpu_isa()!r} on this CPU")
+            raise ConfigError(f"isa={isa!r}: allowed values {list(ISAS)}, up to {cpu_isa()!r} on this CPU")
         return self.run_trusted(x, out, mask, scratch, threads, use_gate, isa)
 
     def run_trusted(
@@ -450,5 +455,6 @@ class NativeBlock:
         if status == -1:
             raise MemoryError("sparse execution's kernel could not allocate its index buffers")
         if status != 0:  # -2: a gate asked of a block without one, -3: a tile size with no code, -4: a bad isa
+            # not user input: the kernel refuses only what the checks above let through, a vdg bug
             raise RuntimeError(f"sparse execution's kernel refused the block (status {status}); a vdg bug")
         return out

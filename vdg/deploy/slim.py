@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vdg.core.errors import CheckpointError, ConfigError
 from vdg.models import Branch, GatedResNet
 
 PROFILE_FORMAT = "vdg-channel-profile"
@@ -66,7 +67,7 @@ class ChannelProfile:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChannelProfile:
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"not a channel profile: expected a JSON object with format={PROFILE_FORMAT!r}")
+            raise ConfigError(f"not a channel profile: expected a JSON object with format={PROFILE_FORMAT!r}")
         frequency = tuple(torch.tensor(f, dtype=torch.float32) for f in data["frequency"])
         return cls(frequency, int(data["samples"]), dict(data["arch"]))
 
@@ -81,12 +82,13 @@ class ChannelProfile:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"cannot read channel profile {path}: {err}") from err
+            raise ConfigError(f"cannot read channel profile {path}: {err}") from err
 
 
 def profile_from_masks(masks: Sequence[Tensor], arch: dict[str, Any]) -> ChannelProfile:
     """A profile from one 0/1 mask [N, C_b] per block (e.g. `vdg.eval.features.Features.masks`)."""
     if not masks or any(m.ndim != 2 or m.shape[0] != masks[0].shape[0] or m.shape[0] == 0 for m in masks):
+        # not user input: the profilers pass their own masks
         raise ValueError("profile_from_masks needs one [N > 0, C_b] mask per block, all with the same N")
     return ChannelProfile(tuple(m.float().mean(dim=0) for m in masks), int(masks[0].shape[0]), dict(arch))
 
@@ -95,7 +97,7 @@ def gated_encoder(backbone: nn.Module) -> GatedResNet:
     """The encoder that runs the gated branch: the backbone itself, or vdg_2x's gated encoder."""
     encoder = backbone if isinstance(backbone, GatedResNet) else getattr(backbone, "gated_encoder", None)
     if not isinstance(encoder, GatedResNet) or not encoder.gated:
-        raise ValueError("a channel profile needs a backbone with a gated branch")
+        raise CheckpointError("a channel profile needs a backbone with a gated branch")
     return encoder
 
 
@@ -213,7 +215,7 @@ def compact_gated(backbone: nn.Module, profile: ChannelProfile) -> GatedResNet:
     source = branch_encoder(gated_encoder(backbone), Branch.GATED)
     channels = [block.mid_planes for block in source.blocks]
     if profile.channels != channels:
-        raise ValueError(f"the profile has {profile.channels} channels per block; this network has {channels}")
+        raise ConfigError(f"the profile has {profile.channels} channels per block; this network has {channels}")
     plan = compaction(profile)
     kept = [torch.tensor(row["kept"] or [0], dtype=torch.long) for row in plan]
     gate = source.blocks[0].gate

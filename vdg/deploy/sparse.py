@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vdg.core.errors import ConfigError
 from vdg.deploy import native
 from vdg.deploy.kernels import FoldedConv, Workspace, fold_batchnorm, im2col_hwc, linear, onednn_ops_available
 from vdg.models import BackboneOutput, Branch, BranchNorm, GatedBasicBlock, GatedResNet
@@ -213,6 +214,7 @@ class FoldedBlock:
         kernel, gate included: one call for the batch. Returns (output, mask). A block without a gate (dense and
         slim networks) runs every channel: the same kernel as a plain convolution pair."""
         if self.native is None:
+            # not user input: a caller of the block API (FoldedResNet chooses the kernel)
             raise ValueError("native_sampled needs the compiled kernel: use_kernel('native') first")
         if (
             x.ndim != 4
@@ -221,6 +223,7 @@ class FoldedBlock:
             or x.device.type != "cpu"
             or not x.is_contiguous(memory_format=torch.channels_last)
         ):
+            # not user input: a caller of the block API (FoldedResNet lays inputs out)
             raise ValueError(
                 f"block input: need a channels_last float32 CPU tensor [N, {self.in_planes}, H, W], got "
                 f"{x.dtype} {list(x.shape)} on {x.device}"
@@ -270,7 +273,7 @@ def resolve_kernel(kernel: str) -> str:
     the kernel cannot be built or loaded, auto warns once, saying why, and takes the PyTorch kernel."""
     global _kernel_warned
     if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel={kernel!r}; allowed values: {list(KERNELS)}")
+        raise ConfigError(f"unknown kernel={kernel!r}; allowed values: {list(KERNELS)}")
     if kernel == "torch":
         return kernel
     try:
@@ -395,7 +398,7 @@ class FoldedResNet(nn.Module):
         self.skip_inactive = skip_inactive
         self.branch = Branch.parse(branch)
         if self.branch not in encoder.branches:
-            raise ValueError(f"the encoder serves {[b.value for b in encoder.branches]}, not {self.branch.value!r}")
+            raise ConfigError(f"the encoder serves {[b.value for b in encoder.branches]}, not {self.branch.value!r}")
         self.feature_dim = encoder.feature_dim
         self.config = dict(config or {})
         self.stem_kind = encoder.stem_kind
@@ -408,7 +411,7 @@ class FoldedResNet(nn.Module):
         # Dense and slim networks run oneDNN's prepacked convolutions (BlockPath.MASKED) unless a plan says
         # "sample" for a block and kernel="native" is asked: then the compiled kernel with every channel on.
         if kernel not in KERNELS:
-            raise ValueError(f"unknown kernel={kernel!r}; allowed values: {list(KERNELS)}")
+            raise ConfigError(f"unknown kernel={kernel!r}; allowed values: {list(KERNELS)}")
         wants_native = (gated and skip_inactive) or kernel == "native"
         self.kernel = resolve_kernel(kernel) if wants_native else "torch"
         for block in self.blocks:
@@ -431,6 +434,7 @@ class FoldedResNet(nn.Module):
 
     def set_plan(self, batch_size: int, paths: Sequence[str | BlockPath]) -> None:
         if len(paths) != len(self.blocks):
+            # not user input: plans come from the engine's own tuning
             raise ValueError(f"a plan needs one path per block ({len(self.blocks)}), got {len(paths)}")
         self.plan[batch_size] = [BlockPath(p) for p in paths]
 
@@ -462,6 +466,7 @@ class FoldedResNet(nn.Module):
     def to(self, *args: Any, **kwargs: Any) -> FoldedResNet:  # noqa: D102 - the folded weights are not parameters
         device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is not None and dtype != torch.float32:
+            # not user input: an engine converted with .half()/.double() by its caller
             raise ValueError("FoldedResNet runs in float32")
         if device is not None and torch.device(device) != self.device:
             self.device = torch.device(device)
@@ -472,6 +477,7 @@ class FoldedResNet(nn.Module):
 
     def train(self, mode: bool = True) -> FoldedResNet:
         if mode:
+            # not user input: an engine switched to .train() by its caller
             raise ValueError("FoldedResNet is for inference only (eval-mode BatchNorm and gates are folded in)")
         return super().train(False)
 
@@ -487,8 +493,10 @@ class FoldedResNet(nn.Module):
     def _run(self, x: Tensor, paths: Sequence[BlockPath] | None) -> tuple[Tensor, list[Tensor]]:
         """(features, the gated blocks' bool masks) of images x."""
         if x.device != self.device:
+            # not user input: inputs on another device than the engine (the message says which .to() to call)
             raise ValueError(f"input on {x.device}, engine on {self.device}: call .to({str(x.device)!r})")
         if x.ndim != 4 or x.shape[-1] != x.shape[-2]:
+            # not user input: a non-square input to the folded engine
             raise ValueError(f"FoldedResNet takes square images [N, 3, H, H], got {list(x.shape)}")
         paths = paths or self.paths(x.shape[0], x.shape[-1])
         x = x.float().contiguous(memory_format=torch.channels_last)

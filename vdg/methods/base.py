@@ -149,6 +149,7 @@ class BaseMethod(pl.LightningModule):
         `bound_channel_counts`). Returns flops_ratio, budget_loss, bound_loss (if enabled) and gate_loss, their sum.
         """
         if not gated or any(not isinstance(o, BackboneOutput) or o.masks is None for o in gated):
+            # not user input: a method's author passing the wrong outputs
             raise TypeError(
                 "gate_terms takes the BackboneOutput of gated passes, e.g. self.gate_terms(self.encode(x, "
                 "Branch.GATED)), not their active_channels()"
