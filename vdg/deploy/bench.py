@@ -7,12 +7,8 @@ executions interleaved and reports medians; it never trains and never writes wei
 from __future__ import annotations
 
 import datetime
-import functools
 import logging
 import os
-import platform
-import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +19,7 @@ import torch
 from torch import Tensor
 
 from vdg.core.errors import ConfigError
+from vdg.core.machine import aten_isa, cpu_model, onednn_isa
 from vdg.deploy import native
 from vdg.deploy.native import NativeKernelError
 from vdg.deploy.slim import profile_from_masks, slim_resnet, slim_widths
@@ -207,44 +204,10 @@ def batches(images: Tensor, batch_size: int) -> list[Tensor]:
     return [images[i : i + batch_size] for i in range(0, len(images) - batch_size + 1, batch_size)]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-_ONEDNN_PROBE = (
-    "import torch, torch.nn.functional as F; "
-    "F.conv2d(torch.randn(1, 8, 8, 8).to_mkldnn(), torch.randn(8, 8, 3, 3).to_mkldnn(), padding=1)"
-)
-
-
-@functools.cache
-def onednn_isa() -> str:
-    """The instruction set oneDNN dispatches to in this environment (it honours `ONEDNN_MAX_CPU_ISA`), as its
-    verbose mode names it, e.g. "Intel AVX2": read from a child process's ONEDNN_VERBOSE info line, since oneDNN
-    prints it once per process, to the C stdout. "unknown" if it cannot be read."""
-    try:
-        result = subprocess.run(
-            [sys.executable, "-c", _ONEDNN_PROBE],
-            capture_output=True, text=True, timeout=120, env={**os.environ, "ONEDNN_VERBOSE": "1"},
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    for line in result.stdout.splitlines():
-        if ",isa:" in line:
-            return line.split(",isa:", 1)[1].strip()
-    return "unknown"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def distinct_mask_fraction(masks: Sequence[Tensor]) -> float:
@@ -423,10 +386,10 @@ def _measure(
             "kernel": sparse.kernel,
             "executions_left_out": left_out,  # *_native without a compiled kernel (kernel auto or torch)
             "kernel_isa": sparse.kernel_isa,  # the compiled kernel's variant (vdg.deploy.native.ISAS), None: torch
-            "cpu": cpu_name(),
+            "cpu": cpu_model(),
             "cpu_isa": native.cpu_isa() if native.available() else None,  # the widest kernel variant the CPU runs
             "onednn_isa": onednn_isa() if dev.type == "cpu" else None,  # the widest oneDNN used (ONEDNN_MAX_CPU_ISA)
-            "aten_isa": torch.backends.cpu.get_cpu_capability(),  # ATen's vector kernels (ATEN_CPU_CAPABILITY)
+            "aten_isa": aten_isa(),  # ATen's vector kernels (ATEN_CPU_CAPABILITY)
             "engines": engines,
             "density_per_block": cost.channel_density(active).tolist(),
             "slim_widths": widths,
