@@ -358,3 +358,31 @@ def test_export_script_slim_and_execution_options(trained_ckpt, tmp_path, capsys
     allowed = r"allowed values: \['masked', 'folded', 'sparse'\]"
     with pytest.raises(SystemExit, match=r"error: unknown execution 'quick'; " + allowed):
         run_export_script(f"ckpt={trained_ckpt}", "branch=gated", f"out_dir={tmp_path}", "execution=quick")
+
+
+@pytest.mark.parametrize("execution", ["masked", "folded", "sparse"])
+def test_every_execution_accepts_and_refuses_the_same_inputs(trained_ckpt, tmp_path, execution):
+    """One rule for all three engines (vdg/deploy/inputs.py): floating images are computed in float32, anything
+    else (integers, NaN/Inf, wrong channels, non-square, not a tensor) is one InputError naming the problem."""
+    from vdg.deploy.inputs import InputError
+
+    paths = export_backbone(trained_ckpt, "gated", tmp_path / "export")
+    model = load_backbone(paths["safetensors"], execution=execution, kernel="torch")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    reference = model(x)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        cast = x.to(dtype)
+        torch.testing.assert_close(model(cast), model(cast.float()))  # computed in float32, same as cast.float()
+    assert model(x.double()).dtype == reference.dtype == torch.float32
+    bad = {
+        "floating point and normalised": (x * 255).to(torch.uint8),
+        "NaN or Inf": torch.where(x > 2, torch.nan, x),
+        r"\[N >= 1, 3, H, H\] \(square\), got \[2, 1, 32, 32\]": x[:, :1],
+        r"got \[2, 3, 32, 30\]": x[..., :30],
+        r"got \[0, 3, 32, 32\]": x[:0],
+        "must be a torch.Tensor": x.numpy(),
+    }
+    for message, images in bad.items():
+        with pytest.raises(InputError, match=message):
+            model(images)

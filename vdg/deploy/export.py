@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from vdg.core.errors import CheckpointError, ConfigError
 from vdg.core.options import check_bool, check_choice
+from vdg.deploy.inputs import check_images
 from vdg.deploy.sparse import FoldedResNet
 from vdg.models import BackboneOutput, Branch, GatedResNet
 from vdg.run.checkpoint import load_method, read_checkpoint, require_branch
@@ -48,10 +49,10 @@ class BranchBackbone(nn.Module):
         return self.encoder.feature_dim
 
     def encode(self, x: Tensor) -> BackboneOutput:
-        return self.encoder(x, self.branch)
+        return self.encoder(check_images(x, self.encoder.conv1.weight.device), self.branch)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.encoder(x, self.branch).features
+        return self.encode(x).features
 
 
 def _build_encoder(arch: dict[str, Any], branch: Branch, gate_temperature: float) -> GatedResNet:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from vdg.core.errors import ConfigError
 from vdg.deploy import native
+from vdg.deploy.inputs import check_images
 from vdg.deploy.kernels import FoldedConv, Workspace, fold_batchnorm, im2col_hwc, linear, onednn_ops_available
 from vdg.models import BackboneOutput, Branch, BranchNorm, GatedBasicBlock, GatedResNet
 from vdg.models.flops import conv_out
@@ -492,14 +493,9 @@ class FoldedResNet(nn.Module):
 
     def _run(self, x: Tensor, paths: Sequence[BlockPath] | None) -> tuple[Tensor, list[Tensor]]:
         """(features, the gated blocks' bool masks) of images x."""
-        if x.device != self.device:
-            # not user input: inputs on another device than the engine (the message says which .to() to call)
-            raise ValueError(f"input on {x.device}, engine on {self.device}: call .to({str(x.device)!r})")
-        if x.ndim != 4 or x.shape[-1] != x.shape[-2]:
-            # not user input: a non-square input to the folded engine
-            raise ValueError(f"FoldedResNet takes square images [N, 3, H, H], got {list(x.shape)}")
+        x = check_images(x, self.device)  # what every execution accepts (vdg.deploy.inputs)
         paths = paths or self.paths(x.shape[0], x.shape[-1])
-        x = x.float().contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x, relu=True)
         if self.stem_kind == "imagenet":
             x = F.max_pool2d(x, 3, 2, 1)
