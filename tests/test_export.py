@@ -14,9 +14,10 @@ from safetensors import safe_open
 
 import vdg
 from vdg.core.errors import CheckpointError
-from vdg.deploy.export import BranchBackbone, branch_encoder, export_backbone, export_name, load_backbone
+from vdg.deploy.export import export_backbone, export_name, load_backbone
 from vdg.methods import build_method
 from vdg.models import Branch, GatedResNet
+from vdg.models.encoder import BranchBackbone, branch_encoder
 from vdg.run.checkpoint import load_method
 from vdg.run.driver import pretrain
 
@@ -364,7 +365,7 @@ def test_export_script_slim_and_execution_options(trained_ckpt, tmp_path, capsys
 def test_every_execution_accepts_and_refuses_the_same_inputs(trained_ckpt, tmp_path, execution):
     """One rule for all three engines (vdg/deploy/inputs.py): floating images are computed in float32, anything
     else (integers, NaN/Inf, wrong channels, non-square, not a tensor) is one InputError naming the problem."""
-    from vdg.deploy.inputs import InputError
+    from vdg.models.inputs import InputError
 
     paths = export_backbone(trained_ckpt, "gated", tmp_path / "export")
     model = load_backbone(paths["safetensors"], execution=execution, kernel="torch")

@@ -25,6 +25,7 @@ from vdg.deploy.native import NativeKernelError
 from vdg.deploy.slim import profile_from_masks, slim_resnet, slim_widths
 from vdg.deploy.sparse import KERNELS, BlockPath, FoldedResNet, interleaved_times
 from vdg.models import Branch, GatedResNet, network_cost
+from vdg.models.encoder import branch_encoder
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,6 @@ def calibrated_setup(
     calibration = torch.randn(calibration_images, 3, image_size, image_size, generator=generator)
     calibrate_gates(encoder, calibration, per_block)
     images = torch.randn(num_images, 3, image_size, image_size, generator=generator)
-    from vdg.deploy.export import branch_encoder
-
     return BenchSetup(
         gated=branch_encoder(encoder, Branch.GATED),
         dense=branch_encoder(encoder, Branch.DENSE),
@@ -163,7 +162,6 @@ def checkpoint_setup(
     with random weights: its speed does not depend on the values.
     """
     from vdg.data.module import eval_loader
-    from vdg.deploy.export import branch_encoder
     from vdg.deploy.slim import gated_checkpoint
 
     model, cfg = gated_checkpoint(ckpt, dict(data or {}))

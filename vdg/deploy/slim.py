@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from vdg.core.errors import CheckpointError, ConfigError
 from vdg.models import Branch, GatedResNet
+from vdg.models.encoder import branch_encoder
 
 PROFILE_FORMAT = "vdg-channel-profile"
 
@@ -210,8 +211,6 @@ def compact_gated(backbone: nn.Module, profile: ChannelProfile) -> GatedResNet:
     Equality: its features equal the gated network's on every sample whose removed channels are off and whose
     always-active channels are on, which is every sample of the profiled dataset (up to float round-off).
     """
-    from vdg.deploy.export import branch_encoder
-
     source = branch_encoder(gated_encoder(backbone), Branch.GATED)
     channels = [block.mid_planes for block in source.blocks]
     if profile.channels != channels:

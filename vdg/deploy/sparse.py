@@ -32,10 +32,10 @@ from torch import Tensor, nn
 
 from vdg.core.errors import ConfigError
 from vdg.deploy import native
-from vdg.deploy.inputs import check_images
 from vdg.deploy.kernels import FoldedConv, Workspace, fold_batchnorm, im2col_hwc, linear, onednn_ops_available
 from vdg.models import BackboneOutput, Branch, BranchNorm, GatedBasicBlock, GatedResNet
 from vdg.models.flops import conv_out
+from vdg.models.inputs import check_images
 
 log = logging.getLogger(__name__)
 

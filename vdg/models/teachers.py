@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from vdg.core.errors import TeacherError
+from vdg.models.encoder import BranchBackbone, branch_encoder
 
 TEACHER_FORMATS = ("vdg_checkpoint", "vdg_export", "solo_learn", "moco", "torchvision")
 TEACHER_OUTPUTS = ("features", "embedding")
@@ -289,7 +290,6 @@ def _stats(values: Any) -> tuple[float, ...] | None:
 # ----- one loader per format ---------------------------------------------------------------------------------
 def _vdg_checkpoint(path: Path, branch: str) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
     from vdg.core.errors import CheckpointError
-    from vdg.deploy.export import BranchBackbone, branch_encoder
     from vdg.run.checkpoint import load_method, require_branch
 
     try:

@@ -1,5 +1,5 @@
 """What every execution of an exported network accepts, checked in one place so that masked, folded and sparse
-execution take exactly the same inputs and refuse exactly the same ones:
+execution (`vdg.deploy`) take exactly the same inputs and refuse exactly the same ones:
 
 - a tensor [N, 3, H, H] with N >= 1 (square images: the folded engines plan each block's work per image size);
 - floating point (float16, bfloat16, float32, float64 are computed in float32, the weights' type); integer and
