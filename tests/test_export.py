@@ -363,7 +363,7 @@ def test_export_script_slim_and_execution_options(trained_ckpt, tmp_path, capsys
 
 @pytest.mark.parametrize("execution", ["masked", "folded", "sparse"])
 def test_every_execution_accepts_and_refuses_the_same_inputs(trained_ckpt, tmp_path, execution):
-    """One rule for all three engines (vdg/deploy/inputs.py): floating images are computed in float32, anything
+    """One rule for all three engines (vdg/models/inputs.py): floating images are computed in float32, anything
     else (integers, NaN/Inf, wrong channels, non-square, not a tensor) is one InputError naming the problem."""
     from vdg.models.inputs import InputError
 

@@ -493,7 +493,7 @@ class FoldedResNet(nn.Module):
 
     def _run(self, x: Tensor, paths: Sequence[BlockPath] | None) -> tuple[Tensor, list[Tensor]]:
         """(features, the gated blocks' bool masks) of images x."""
-        x = check_images(x, self.device)  # what every execution accepts (vdg.deploy.inputs)
+        x = check_images(x, self.device)  # what every execution accepts (vdg.models.inputs)
         paths = paths or self.paths(x.shape[0], x.shape[-1])
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x, relu=True)
