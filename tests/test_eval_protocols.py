@@ -396,7 +396,11 @@ def test_knn_eval_script(ckpts, tmp_path, capsys):
     run_script_here("knn_eval.py", f"ckpt={ckpts['vicreg']}", "k=20", f"results_dir={tmp_path}")
     summary = capsys.readouterr().out.splitlines()
     record = json.loads((tmp_path / "knn-k20-euclidean-distance-synthetic-dense.json").read_text())
-    assert summary[1] == f"  dense  top-1 {record['value']:.2f}%  FLOPs 100% of dense" and len(summary) == 4
+    reference = record["random_init"]
+    assert summary[1] == (
+        f"  dense  top-1 {record['value']:.2f}%  {record['over_random_init']:+.2f} over random init "
+        f"({reference['top1_mean']:.2f}%, 3 seeds)  FLOPs 100% of dense"
+    ) and len(summary) == 4
     assert record["description"] == (
         "20-NN, euclidean distance on raw frozen 32-d backbone features (eval mode), votes weighted 1/(d + 1e-5); "
         "bank: the 64 unaugmented synthetic train images, queries: the 32 test images"

@@ -24,8 +24,14 @@ class BranchBackbone(nn.Module):
     masks. `config` is the export JSON: architecture, branch, t_d, input normalisation (mean/std), provenance.
     """
 
-    def __init__(self, encoder: GatedResNet, branch: str | Branch, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, encoder: GatedResNet, branch: str | Branch, config: dict[str, Any] | None = None,
+        check_inputs: bool = True,
+    ) -> None:
         super().__init__()
+        # False for a distillation teacher: its inputs are the training step's views, already checked by the
+        # data pipeline, and the finite check would read a value back to the host on every step
+        self.check_inputs = check_inputs
         self.branch = Branch.parse(branch)
         if self.branch not in encoder.branches:
             raise ConfigError(f"the encoder serves {[b.value for b in encoder.branches]}, not {self.branch.value!r}")
@@ -37,7 +43,9 @@ class BranchBackbone(nn.Module):
         return self.encoder.feature_dim
 
     def encode(self, x: Tensor) -> BackboneOutput:
-        return self.encoder(check_images(x, self.encoder.conv1.weight.device), self.branch)
+        if self.check_inputs:
+            x = check_images(x, self.encoder.conv1.weight.device)
+        return self.encoder(x, self.branch)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.encode(x).features

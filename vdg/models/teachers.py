@@ -308,7 +308,7 @@ def _vdg_checkpoint(path: Path, branch: str) -> tuple[nn.Module, nn.Module | Non
         "mean": cfg.dataset.mean,
         "std": cfg.dataset.std,
     }
-    return BranchBackbone(encoder, chosen), head, meta
+    return BranchBackbone(encoder, chosen, check_inputs=False), head, meta
 
 
 def _vdg_export(path: Path) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
@@ -320,6 +320,7 @@ def _vdg_export(path: Path) -> tuple[nn.Module, nn.Module | None, dict[str, Any]
         backbone = load_backbone(path, execution="masked")
     except (ValueError, FileNotFoundError) as err:
         raise TeacherError(f"teacher.path: {err}") from err
+    backbone.check_inputs = False  # the training step's views: see BranchBackbone
     meta = backbone.config
     norm = meta.get("normalize") or {}
     info = {
