@@ -447,6 +447,28 @@ def test_random_init_reference_can_be_turned_off_and_refuses_bad_seeds(ckpts, tm
         evaluate_checkpoint(ckpts["vicreg"], "knn", results_dir=str(tmp_path), random_init_seeds=[-1])
 
 
+def test_linear_random_init_reference_runs_the_same_protocol_on_fresh_backbones(ckpts, tmp_path):
+    options = {"branch": "gated", "epochs": 2, "runs": 1, "batch_size": 16, "augment": False}
+    (plain,) = evaluate_checkpoint(ckpts["vdg"], "linear", results_dir=str(tmp_path / "a"), **options)
+    assert "random_init" not in plain  # off by default: it costs one protocol per init seed
+    before = torch.random.get_rng_state()
+    (record,) = evaluate_checkpoint(ckpts["vdg"], "linear", results_dir=str(tmp_path / "b"), random_init_seeds=[5],
+                                    **options)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert record["value"] == plain["value"]  # the trained figure is untouched, the trained backbone put back
+    model = load_method(ckpts["vdg"])
+    torch.manual_seed(5)
+    backbone = model.build_backbone(model.cfg).eval()
+    train, test = (extract_features(backbone, eval_loader(model.cfg, split, 16), "gated")
+                   for split in ("train", "test"))
+    expected = train_linear_on_features(train, test, LinearProtocol(epochs=2, batch_size=16, seed=0), 10)["top1"]
+    assert record["random_init"] == {"top1_mean": pytest.approx(expected), "top1_runs": [pytest.approx(expected)],
+                                     "seeds": [5]}
+    assert record["over_random_init"] == pytest.approx(record["value"] - expected)
+    with pytest.raises(ConfigError, match=r"random_init_seeds=.*list of init seeds"):
+        evaluate_checkpoint(ckpts["vdg"], "linear", results_dir=str(tmp_path), random_init_seeds=[1.5], **options)
+
+
 def test_knn_script_prints_the_trained_figure_and_the_reference_on_one_line(ckpts, tmp_path):
     result = subprocess.run([sys.executable, "scripts/knn_eval.py", f"ckpt={ckpts['vdg']}", f"results_dir={tmp_path}"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)

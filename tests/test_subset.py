@@ -98,3 +98,34 @@ def test_resume_with_another_subset_is_refused(tiny_cfg):
         pretrain(tiny_cfg("dataset.subset_per_class=3", "dataset.subset_seed=6", "final_knn.enabled=false"))
     with pytest.raises(CheckpointError, match=r"dataset.subset_per_class: 3 -> None"):
         pretrain(tiny_cfg("final_knn.enabled=false"))
+
+
+# ----- dataset.validation_split: settings are chosen on held-out train images, never on the test split ---------
+def _digits_cfg(**keys):
+    dataset = {"name": "digits", "image_size": 32, "num_classes": 10, **keys}
+    return OmegaConf.create(dataset), OmegaConf.create({"root": "unused", "download": False})
+
+
+def test_validation_split_carves_the_train_split_stratified_and_fixed():
+    ds, data = _digits_cfg(validation_split=0.2)
+    train, held = build_dataset(ds, data, "train"), build_dataset(ds, data, "test")
+    pretrain = build_dataset(ds, data, "pretrain")
+    whole = build_dataset(*_digits_cfg(), "train")
+    assert len(train) + len(held) == len(whole) == 1437 and torch.equal(pretrain.images, train.images)
+    rows = {tuple(img.flatten()[::7].tolist()) for img in whole.images}
+    test = build_dataset(*_digits_cfg(), "test")
+    assert all(tuple(img.flatten()[::7].tolist()) in rows for img in held.images)  # held-out images come from train
+    assert not any(tuple(img.flatten()[::7].tolist()) in rows for img in test.images[:20])
+    per_class = Counter(whole.labels.tolist())
+    assert Counter(held.labels.tolist()) == {c: round(0.2 * n) for c, n in per_class.items()}  # stratified
+    assert torch.equal(held.images, build_dataset(ds, data, "test").images)  # the same carve every time
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.1, True, "half"])
+def test_validation_split_refuses_what_is_not_a_fraction(value):
+    with pytest.raises(ConfigError, match=r"dataset.validation_split=.* must be a fraction in \(0, 1\)"):
+        build_dataset(*_digits_cfg(validation_split=value), "train")
+    cfg = compose_config(["dataset=digits", f"++dataset.validation_split={value!r}" if isinstance(value, str)
+                          else f"++dataset.validation_split={value}"])
+    with pytest.raises(ConfigError, match=r"dataset.validation_split=.* must be a fraction in \(0, 1\)"):
+        validate_pretrain_config(cfg)

@@ -544,7 +544,55 @@ def build_dataset(dataset_cfg: Any, data_cfg: Any, split: str) -> Dataset:
     name = dataset_cfg.name
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset.name {name!r}; allowed values: {list(DATASETS)}")
-    return apply_subset(_load_split(dataset_cfg, data_cfg, split), dataset_cfg, split)
+    fraction = dataset_cfg.get("validation_split")
+    if fraction is None:
+        return apply_subset(_load_split(dataset_cfg, data_cfg, split), dataset_cfg, split)
+    return apply_subset(validation_part(dataset_cfg, data_cfg, split, fraction), dataset_cfg, split)
+
+
+# ------------------------------------------------------------------------------------------ validation split
+VALIDATION_SEED = 0  # one fixed carve, the same for every run and seed: recipes are compared on the same images
+
+
+def validation_indices(labels: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+    """(kept, held_out): sorted indices that split every class of `labels`, round(fraction * n_c) held out.
+
+    Class-stratified and deterministic (VALIDATION_SEED), so the held-out images have the split's class balance.
+    """
+    labels = torch.as_tensor(labels).long()
+    generator = torch.Generator().manual_seed(VALIDATION_SEED)
+    kept, held = [], []
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_held = round(fraction * len(members))
+        held.append(members[:n_held])
+        kept.append(members[n_held:])
+    return torch.cat(kept).sort().values, torch.cat(held).sort().values
+
+
+def validation_part(dataset_cfg: Any, data_cfg: Any, split: str, fraction: Any) -> Dataset:
+    """`dataset.validation_split`: a fraction of the train split held out to choose settings on, never the test split.
+
+    Pretraining and the evaluations' train side read the rest of the train split; the test role reads the held-out
+    images. So a recipe is chosen on images no evaluation trains on, and the test split stays unseen.
+    """
+    key = "dataset.validation_split"
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) < 1.0:
+        raise ConfigError(f"{key}={fraction!r} must be a fraction in (0, 1) of the train split, or null (off)")
+    if disk_split(dataset_cfg, "pretrain") != "train":
+        raise ConfigError(
+            f"{key} carves the train split, but dataset.pretrain_split={disk_split(dataset_cfg, 'pretrain')!r}: "
+            "set dataset.pretrain_split=train, or validation_split=null"
+        )
+    train = _load_split(dataset_cfg, data_cfg, "train")
+    labels = getattr(train, "labels", None)
+    if labels is None or (len(labels) and int(torch.as_tensor(labels).min()) < 0):
+        raise ConfigError(f"{key} needs a labelled train split; {dataset_cfg.name}'s has no labels")
+    kept, held = validation_indices(labels, float(fraction))
+    if not len(held) or not len(kept):
+        raise ConfigError(f"{key}={fraction} leaves one side empty ({len(kept)} kept, {len(held)} held out)")
+    return class_subset(train, held if split == "test" else kept)
 
 
 def _load_split(dataset_cfg: Any, data_cfg: Any, split: str) -> Dataset:

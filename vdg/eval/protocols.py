@@ -132,6 +132,7 @@ def check_eval_config(cfg: DictConfig, need_checkpoint: bool = True) -> None:
         check_bool("normalize", cfg.normalize)
         check_seeds("random_init_seeds", cfg.get("random_init_seeds", []))
     else:
+        check_seeds("random_init_seeds", cfg.get("random_init_seeds", []))
         check_int("epochs", cfg.epochs, 1)
         check_number("lr", cfg.lr, 0, low_open=True)
         check_number("momentum", cfg.momentum, 0, 1, high_open=True)
@@ -495,13 +496,37 @@ class Evaluation:
             tag=tag,
         )
 
+    def random_init_linear(self, protocol: Any, seeds: list[int]) -> dict[Branch, list[float]]:
+        """The same linear protocol on randomly initialised backbones, one per init seed, built as the trained one
+        (`model.build_backbone(model.cfg)`); the trained backbone is put back afterwards. The RNG state is kept."""
+        runs: dict[Branch, list[float]] = {branch: [] for branch in self.branches}
+        trained = self.model.backbone
+        for seed in seeds:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                backbone = self.model.build_backbone(self.model.cfg)
+            self.model.backbone = backbone.to(self.device).eval()
+            try:
+                per_branch = protocol()
+            finally:
+                self.model.backbone = trained
+            for branch in self.branches:
+                runs[branch].append(per_branch[branch][0]["value"])
+        return runs
+
     def run(self) -> list[dict[str, Any]]:
         if self.cfg.protocol == "knn":
-            per_branch = self.knn()
-        elif self.cfg.augment:
-            per_branch = self.linear_augmented()
+            per_branch = self.knn()  # its random-init reference is cheap: computed inside, on by default
         else:
-            per_branch = self.linear_cached()
+            protocol = self.linear_augmented if self.cfg.augment else self.linear_cached
+            per_branch = protocol()
+            seeds = check_seeds("random_init_seeds", self.cfg.get("random_init_seeds", []))
+            if seeds:
+                log.info("%s: the random-init reference, %d init seeds", self.cfg.protocol, len(seeds))
+                reference = self.random_init_linear(protocol, seeds)
+                for branch in self.branches:
+                    fields = per_branch[branch][0]
+                    fields.update(reference_fields(fields["value"], reference[branch], seeds))
         records = []
         eval_cfg = OmegaConf.to_container(self.cfg, resolve=True)
         for branch in self.branches:

@@ -19,6 +19,7 @@ A record is one JSON object per file in `<checkpoint dir>/results/` (one file pe
     backbone_width, pretrain_epochs   the pretraining run's backbone.width and trainer.max_epochs
     subset_per_class, test_subset_per_class, subset_seed   the pretraining dataset's class-balanced subsets
                      (null: whole splits); evaluating that same dataset reads the same subsets
+    validation_split a fraction: evaluated on images held out of the train split, not on the test split (null)
     teacher          distilled students (simreg, seed) only: the pretraining config's teacher block (path, format,
                      sha256, pretrain_dataset: the teacher's D_Pretrain, ...)
 
@@ -125,7 +126,7 @@ def base_record(
         "backbone_width": (pre.get("backbone") or {}).get("width"),
         "pretrain_epochs": (pre.get("trainer") or {}).get("max_epochs"),
     }
-    for key in ("subset_per_class", "test_subset_per_class", "subset_seed"):
+    for key in ("subset_per_class", "test_subset_per_class", "subset_seed", "validation_split"):
         record[key] = pre["dataset"].get(key)
     teacher = pre.get("teacher") or {}
     if teacher.get("path") is not None:  # a distilled student: which teacher (Table 3's D_Pretrain is the teacher's)

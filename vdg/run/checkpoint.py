@@ -92,7 +92,8 @@ def require_branch(model: Any, branch: str | Branch) -> Branch:
 # any state is loaded, never found by load_state_dict.
 RESUME_MUST_MATCH = ("method", "budget", "dataset.name", "dataset.image_size", "dataset.stem", "data.batch_size",
                      "dataset.num_classes", "dataset.subset_per_class", "dataset.test_subset_per_class",
-                     "dataset.subset_seed", "backbone", "gating", "probe.enabled", "probe.batchnorm",
+                     "dataset.subset_seed", "dataset.validation_split", "backbone", "gating", "probe.enabled",
+                     "probe.batchnorm",
                      "student.channels_from", "seed", "teacher.sha256", "teacher.format", "teacher.branch")
 
 

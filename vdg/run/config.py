@@ -181,6 +181,11 @@ def check_dataset(ds: DictConfig) -> None:
     for key in ("test_split", "pretrain_split"):
         if key in ds:
             check_str(f"dataset.{key}", ds[key])
+    split = ds.get("validation_split")
+    if split is not None and (isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split < 1):
+        raise ConfigError(
+            f"dataset.validation_split={split!r} must be a fraction in (0, 1) of the train split, or null"
+        )
     for key in ("subset_per_class", "test_subset_per_class"):  # subset_seed matters (and is checked) only then
         if ds.get(key) is not None:
             check_int(f"dataset.{key}", ds[key], 1, note=" (images per class) or null (the whole split)")

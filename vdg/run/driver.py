@@ -412,6 +412,7 @@ def training_summary(
         "subset_per_class": cfg.dataset.get("subset_per_class"),
         "test_subset_per_class": cfg.dataset.get("test_subset_per_class"),
         "subset_seed": cfg.dataset.get("subset_seed"),
+        "validation_split": cfg.dataset.get("validation_split"),  # set: evaluated on held-out train images
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }
 
