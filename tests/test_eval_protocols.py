@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from vdg.core.errors import CheckpointError, ConfigError
 from vdg.data.module import eval_loader
 from vdg.eval.api import eval_config, evaluate_checkpoint
-from vdg.eval.features import extract_features
+from vdg.eval.features import Features, extract_features
 from vdg.eval.knn import knn_accuracy
 from vdg.eval.linear import LinearProtocol, train_linear_on_features
 from vdg.eval.protocols import data_config, dataset_config, eval_dataset, linear_protocol, transfer_dataset
@@ -467,6 +467,26 @@ def test_linear_random_init_reference_runs_the_same_protocol_on_fresh_backbones(
     assert record["over_random_init"] == pytest.approx(record["value"] - expected)
     with pytest.raises(ConfigError, match=r"random_init_seeds=.*list of init seeds"):
         evaluate_checkpoint(ckpts["vdg"], "linear", results_dir=str(tmp_path), random_init_seeds=[1.5], **options)
+
+
+def test_raw_pixel_reference_runs_the_protocol_on_the_images(ckpts, tmp_path):
+    model = load_method(ckpts["vdg"])
+    train, test = (next(iter(eval_loader(model.cfg, split, 10_000))) for split in ("train", "test"))
+    (knn,) = evaluate_checkpoint(ckpts["vdg"], "knn", results_dir=str(tmp_path), features="pixels")
+    expected = knn_accuracy(train[0].flatten(1), train[1], test[0].flatten(1), test[1])
+    assert knn["branch"] == "pixels" and knn["features"] == "pixels" and knn["value"] == pytest.approx(expected)
+    assert knn["flops_reduction"] is None and "random_init" not in knn
+    assert "raw pixels (3072 values" in knn["description"]
+    assert (tmp_path / "knn-k1-euclidean-synthetic-pixels.json").is_file()
+    (linear,) = evaluate_checkpoint(ckpts["vdg"], "linear", results_dir=str(tmp_path), features="pixels", runs=1,
+                                    **FAST)
+    pixels = Features(train[0].flatten(1), train[1]), Features(test[0].flatten(1), test[1])
+    expected = train_linear_on_features(*pixels, LinearProtocol(epochs=2, batch_size=16, seed=0), 10)["top1"]
+    assert linear["branch"] == "pixels" and linear["value"] == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="features=pixels needs augment=false"):
+        evaluate_checkpoint(ckpts["vdg"], "linear", results_dir=str(tmp_path), features="pixels", augment=True)
+    with pytest.raises(ConfigError, match=r"unknown features 'raw'.*allowed values: \['backbone', 'pixels'\]"):
+        evaluate_checkpoint(ckpts["vdg"], "knn", results_dir=str(tmp_path), features="raw")
 
 
 def test_knn_script_prints_the_trained_figure_and_the_reference_on_one_line(ckpts, tmp_path):

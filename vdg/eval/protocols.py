@@ -22,7 +22,7 @@ from vdg.data.module import eval_loader
 from vdg.eval.features import Features, channels_last, eval_mode, extract_branches, extract_features, gate_report
 from vdg.eval.knn import DISTANCES, WEIGHTINGS, knn_accuracy
 from vdg.eval.linear import LinearProtocol, train_linear_on_features, train_linear_runs
-from vdg.eval.reference import check_seeds, random_init_knn, reference_fields
+from vdg.eval.reference import check_seeds, pixel_features, random_init_knn, reference_fields
 from vdg.eval.results import accuracy_fields, base_record, result_filename, results_dir, write_json
 from vdg.eval.summary import EpochProgress, describe_knn, describe_linear
 from vdg.eval.views import (
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("linear", "knn", "transfer")
 BRANCH_CHOICES = ("dense", "gated", "both")
+FEATURES = ("backbone", "pixels")  # pixels: the raw-pixel reference (the protocol on the images, no network)
 # image_stats: which mean/std normalise evaluation images. "dataset": the evaluated dataset's eval_mean/eval_std;
 # "cifar10": CIFAR-10's, as the official linear/k-NN code does for CIFAR-100 too (reference §1.13).
 IMAGE_STATS = ("dataset", "cifar10")
@@ -111,6 +112,8 @@ def check_eval_config(cfg: DictConfig, need_checkpoint: bool = True) -> None:
         raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to evaluate")
     protocol = _choice(cfg, "protocol", PROTOCOLS)
     check_known_keys("", cfg, allowed_eval_keys(protocol))
+    if "features" in cfg:
+        _choice(cfg, "features", FEATURES)
     _choice(cfg, "branch", BRANCH_CHOICES)
     _choice(cfg, "image_stats", IMAGE_STATS)
     if cfg.get("expected_method") is not None:
@@ -133,6 +136,9 @@ def check_eval_config(cfg: DictConfig, need_checkpoint: bool = True) -> None:
         check_seeds("random_init_seeds", cfg.get("random_init_seeds", []))
     else:
         check_seeds("random_init_seeds", cfg.get("random_init_seeds", []))
+        if cfg.get("features", "backbone") == "pixels" and cfg.augment:
+            raise ConfigError("features=pixels needs augment=false: the raw-pixel reference trains its linear head "
+                              "on the unaugmented images (the augmented protocol needs a network to re-extract)")
         check_int("epochs", cfg.epochs, 1)
         check_number("lr", cfg.lr, 0, low_open=True)
         check_number("momentum", cfg.momentum, 0, 1, high_open=True)
@@ -478,7 +484,7 @@ class Evaluation:
         return out
 
     # ----- records -------------------------------------------------------------------------------------
-    def filename(self, branch: Branch) -> str:
+    def filename(self, branch: Branch | str) -> str:
         """The record's file name; a linear/transfer record on unaugmented features is marked `-cached`, so it
         never replaces the paper protocol's record (nor fills a paper table: `vdg.report.tables`)."""
         c = self.cfg
@@ -487,7 +493,7 @@ class Evaluation:
         return result_filename(
             str(c.protocol),
             str(self.dataset.name),
-            branch.value,
+            branch if isinstance(branch, str) else branch.value,
             pretrain_dataset=str(self.pretrain_cfg.dataset.name),
             k=int(c.k) if knn else None,
             distance=str(c.distance) if knn else None,
@@ -514,7 +520,43 @@ class Evaluation:
                 runs[branch].append(per_branch[branch][0]["value"])
         return runs
 
+    def run_pixels(self) -> list[dict[str, Any]]:
+        """`features=pixels`: the protocol on the raw images of the same splits (the raw-pixel reference). One
+        record, branch "pixels", with no FLOPs: there is no network."""
+        c = self.cfg
+        train, test = pixel_features(self.loader("train")), pixel_features(self.loader("test"))
+        dim = int(train.features.shape[1])
+        if c.protocol == "knn":
+            options = {"k": int(c.k), "distance": str(c.distance), "weighting": str(c.weighting)}
+            top1 = knn_accuracy(train.features.to(self.device), train.labels, test.features, test.labels,
+                                temperature=float(c.temperature), normalize=bool(c.normalize), **options)
+            fields = {**accuracy_fields([top1], []), **options, "normalize": bool(c.normalize)}
+            description = describe_knn(dataset=str(self.dataset.name), num_train=len(train), num_test=len(test),
+                                       feature_dim=dim, normalize=bool(c.normalize), temperature=float(c.temperature),
+                                       **options)
+        else:
+            seeds = [int(c.seed) + r for r in range(int(c.runs))]
+            num_classes = int(self.dataset.num_classes)
+            results = [train_linear_on_features(train, test, linear_protocol(c, seed), num_classes, self.device)
+                       for seed in seeds]
+            fields = self.linear_fields(results, seeds, len(train), len(test))
+            description = self.describe_linear(len(train), len(test), augment=False)
+        eval_cfg = OmegaConf.to_container(c, resolve=True)
+        record = base_record(str(c.protocol), self.pretrain_cfg, str(self.dataset.name), "pixels", c.ckpt, eval_cfg)
+        record.update(fields)
+        record.update(
+            features="pixels", num_train=len(train), num_test=len(test), flops_reduction=None,
+            description=description.replace(f"frozen {dim}-d backbone features (eval mode)",
+                                            f"raw pixels ({dim} values per image, no network)"),
+            image_size=int(self.dataset.image_size), eval_config=eval_cfg,
+        )
+        path = write_json(record, self.out_dir / self.filename("pixels"))
+        self.written.append(path)
+        return [record]
+
     def run(self) -> list[dict[str, Any]]:
+        if self.cfg.get("features", "backbone") == "pixels":
+            return self.run_pixels()
         if self.cfg.protocol == "knn":
             per_branch = self.knn()  # its random-init reference is cheap: computed inside, on by default
         else:

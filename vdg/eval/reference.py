@@ -3,7 +3,8 @@ architecture and branch. Every trained figure is shown as "+X over random init",
 question about a self-supervised result: better than what?
 
 A random ResNet's features are far from useless (1-NN on digits: 75-84% at width 8), so a trained figure means
-something only next to this one. The reference is the mean over a few initialisation seeds.
+something only next to this one. The reference is the mean over a few initialisation seeds. The other reference,
+raw pixels (`features=pixels`), runs the protocol on the images themselves.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from omegaconf import ListConfig
 
 from vdg.core.errors import ConfigError
-from vdg.eval.features import extract_branches
+from vdg.eval.features import Features, extract_branches
 from vdg.eval.knn import knn_accuracy
 from vdg.models import Branch
 
@@ -49,6 +50,16 @@ def random_init_knn(
             runs[branch].append(knn_accuracy(train[branch].features.to(device), train[branch].labels,
                                              test[branch].features, test[branch].labels, **knn_options))
     return runs
+
+
+def pixel_features(loader: Iterable) -> Features:
+    """The raw-pixel reference's "features": each image exactly as it would enter the network (the evaluation
+    transform: resized and normalised), flattened to C*H*W values. No network is involved."""
+    features, labels = [], []
+    for images, targets in loader:
+        features.append(torch.as_tensor(images).flatten(1).float().cpu())
+        labels.append(torch.as_tensor(targets).long().cpu())
+    return Features(torch.cat(features), torch.cat(labels))
 
 
 def reference_fields(top1: float, runs: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
