@@ -51,7 +51,7 @@ def test_a_missing_config_file_is_an_error_naming_it():
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     if importlib.util.find_spec("setuptools") is None:
-        pytest.skip("building the wheel offline needs setuptools in this environment (pip install setuptools)")
+        pytest.skip("building the wheel offline needs setuptools (in the dev extra): pip install -e '.[dev]'")
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
