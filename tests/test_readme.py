@@ -1,10 +1,13 @@
-"""The README's commands and examples work, and its tables match the code.
+"""The commands and examples of the README and of docs/*.md work, and their tables match the code and records.
 
-Every line of every ```bash block is a command. Each `python ...` command runs here, in this process, in a
-scratch directory, with tiny overrides appended (digits or synthetic data, width 4, 1 epoch), except those in
-`PARSE_ONLY` (they need GPUs, a network or a paper-scale run), which are composed with Hydra (`--cfg job`) or
-dry-run. `pip install` and `python -m pytest` lines are what .ci/run executes. A command this test does not know
-how to exercise fails it. Also here: the plot_pareto.py command's unit tests (vdg/report/pareto.py).
+Every line of every ```bash block of every page (README.md, docs/*.md) is a command. Each `python ...` command
+runs here, in this process, in a scratch directory, with tiny overrides appended (digits or synthetic data,
+width 4, 1 epoch), except those in `PARSE_ONLY` (they need GPUs, a network or a paper-scale run), which are
+composed with Hydra (`--cfg job`) or dry-run; `torchrun ...` and `srun python ...` count as the `python` command
+they launch. `pip install`, `python -m pytest` and `pytest -m kernel` lines are what .ci/run executes;
+`scripts/gpu_check.sh` needs a GPU and is only syntax-checked. A command this test does not know how to exercise
+fails it. Every figure of the measured tables, wherever they live, is checked against its records. Also here:
+the plot_pareto.py command's unit tests (vdg/report/pareto.py).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from vdg.report.tables import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]  # every page whose commands and figures are checked
 PNG = b"\x89PNG\r\n\x1a\n"
 
 INSTALL = ["pip install torch==2.14.1 torchvision==0.29.1", 'pip install -e ".[dev]"']
@@ -80,7 +84,15 @@ PARSE_ONLY = {
         "a 30-minute sweep on an unpacked CIFAR-10 folder: dry-run instead"
     ),
     "python scripts/pretrain.py -m +sweep=table1_mini seed=1,2,3": "a 90-minute sweep: dry-run instead",
+    "python scripts/pretrain.py trainer.devices=4 trainer.strategy=ddp": "needs 4 GPUs",
+    "python scripts/pretrain.py trainer.devices=4 trainer.num_nodes=2 trainer.strategy=ddp": "needs 2 nodes of 4 GPUs",
+    "python scripts/pretrain.py trainer.devices=4 trainer.num_nodes=2 trainer.strategy=ddp "
+    "method.gather_across_processes=true": "needs SLURM and 2 nodes of 4 GPUs",
 }
+# Commands of the docs that CI runs (.ci/run: the suite holds the kernel tests; then a forced-AVX2 pass of the
+# whole suite and a portable pass of the kernel tests), and the first-GPU check, which needs a GPU.
+CI_COMMANDS = {"pytest -m kernel", "VDG_KERNEL_ISA=avx2 pytest -m kernel", "VDG_KERNEL_ISA=portable pytest -m kernel"}
+GPU_CHECK = "scripts/gpu_check.sh"
 
 
 class Block(NamedTuple):
@@ -89,12 +101,15 @@ class Block(NamedTuple):
 
 
 def readme_blocks(text: str | None = None) -> list[Block]:
-    text = README.read_text() if text is None else text
+    """The fenced blocks of `text`, or of every page (README first) when None."""
+    if text is None:
+        return [block for page in PAGES for block in readme_blocks(page.read_text())]
     return [Block(m[1].strip(), m[2]) for m in re.finditer(r"^```([^\n]*)\n(.*?)^```", text, re.M | re.S)]
 
 
 def readme_commands(text: str | None = None) -> list[str]:
-    """Every command line of the bash blocks: continuations joined, comments dropped, tokens normalised."""
+    """Every command line of the bash blocks (of every page when `text` is None): continuations joined, comments
+    dropped, tokens normalised."""
     commands = []
     for block in readme_blocks(text):
         if block.info != "bash":
@@ -118,13 +133,31 @@ def command_parts(command: str) -> list[list[str]]:
     return [*parts, current]
 
 
-# every `python <script> ...` of the README (not `python -m pytest`), in README order
+def as_python(part: list[str]) -> list[str]:
+    """A launcher's command as the `python <script> ...` it starts in each process: `srun python s.py a=1` and
+    `torchrun --opt=v s.py a=1` become `python s.py a=1`; any other command is returned unchanged."""
+    if part[:2] == ["srun", "python"]:
+        return part[1:]
+    if part[0] == "torchrun":
+        script = next(i for i, token in enumerate(part) if i and not token.startswith("-"))
+        return ["python", *part[script:]]
+    return part
+
+
+def page_with(marker: str) -> Path:
+    """The one page that holds `marker` (a measured table's begin marker, a table's header)."""
+    pages = [page for page in PAGES if marker in page.read_text()]
+    assert len(pages) == 1, f"{marker!r} is in {[str(p.relative_to(REPO)) for p in pages]}: expected one page"
+    return pages[0]
+
+
+# every `python <script> ...` of the pages (not `python -m pytest`), in page order, README first
 PYTHON_COMMANDS = list(
     dict.fromkeys(
-        shlex.join(part)
+        shlex.join(python)
         for command in readme_commands()
-        for part in command_parts(command)
-        if part[0] == "python" and part[1] != "-m"
+        for python in map(as_python, command_parts(command))
+        if python[0] == "python" and python[1] != "-m"
     )
 )
 
@@ -177,7 +210,8 @@ def quiet_wandb(monkeypatch, tmp_path):
 
 
 def test_fresh_machine_commands_are_single_readme_lines():
-    lines = [line.strip() for block in readme_blocks() if block.info == "bash" for line in block.body.splitlines()]
+    blocks = readme_blocks(README.read_text())
+    lines = [line.strip() for block in blocks if block.info == "bash" for line in block.body.splitlines()]
     for command in FRESH_MACHINE:
         assert command in lines, command
 
@@ -211,18 +245,40 @@ def installed(module: str) -> bool:
 def test_every_readme_command_is_exercised_here_or_in_ci():
     known_scripts = {"my_methods.py"} | {f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py")}
     for command in readme_commands():
-        for part in command_parts(command):
+        for part in map(as_python, command_parts(command)):
             text = shlex.join(part)
             if part[0] == "pip":
                 assert part in [shlex.split(step) for step in INSTALL], f"unknown install step in the README: {text}"
             elif part[:2] == ["python", "-m"]:
                 assert text == "python -m pytest -q", f"unknown module command in the README: {text}"
+            elif text in CI_COMMANDS or part[0] == GPU_CHECK:
+                continue  # test_ci_runs_the_kernel_commands_of_the_docs, test_gpu_check_command_parses
             else:
                 assert part[0] == "python", f"README command this test cannot run: {text}"
                 script = next(t for t in part[1:] if not t.startswith("-"))
                 assert script in known_scripts, f"README runs unknown script {script}"
                 assert text in PYTHON_COMMANDS
-    assert set(PARSE_ONLY) <= set(PYTHON_COMMANDS), "PARSE_ONLY names commands the README no longer has"
+    assert set(PARSE_ONLY) <= set(PYTHON_COMMANDS), "PARSE_ONLY names commands the pages no longer have"
+
+
+def test_ci_runs_the_kernel_commands_of_the_docs():
+    commands = {shlex.join(part) for command in readme_commands() for part in command_parts(command)}
+    assert CI_COMMANDS <= commands, "CI_COMMANDS names commands the pages no longer have"
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^    "kernel: ', pyproject, re.M)  # the marker `-m kernel` selects
+    ci = (REPO / ".ci" / "run").read_text()
+    # the whole suite (kernel tests included) runs first, then again with the AVX2 variant, then the portable loops
+    assert "VDG_KERNEL_ISA=avx2 python -m pytest -q" in ci
+    assert re.search(r"^VDG_KERNEL_ISA=portable python -m pytest .*-m kernel", ci, re.M)
+
+
+def test_gpu_check_command_parses():
+    """`scripts/gpu_check.sh DIR` needs a GPU; here it must at least exist, be executable and parse."""
+    lines = [c for c in readme_commands() if c.startswith(GPU_CHECK)]
+    assert lines and all(len(shlex.split(line)) == 2 for line in lines), lines
+    script = REPO / GPU_CHECK
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", str(script)], check=True)
 
 
 # ----- every python command ----------------------------------------------------------------------------------
@@ -254,8 +310,8 @@ def parse_only(argv: list[str], cwd: Path, capsys) -> None:
             chosen = OmegaConf.select(config, key) if "/" not in key and not key.startswith("+") else None
             if OmegaConf.is_config(chosen):  # a config group: its option names itself
                 chosen = chosen.get("name")
-            if chosen is not None:
-                assert str(chosen) == value.strip("\"'"), override
+            if chosen is not None:  # as Hydra reads the value: `true` is True
+                assert str(chosen) == value.strip("\"'") or chosen == OmegaConf.create(f"v: {value}").v, override
 
 
 @pytest.mark.parametrize("command", PYTHON_COMMANDS)
@@ -417,7 +473,7 @@ FIGURES = REPO / "docs" / "results" / "quickstart"
 def test_quickstart_figures_are_those_its_commands_wrote():
     """Every figure of the README's quickstart table is rendered from docs/results/quickstart/, the files the
     command named on its row wrote (scripts/readme_figures.py copies them there and rewrites the table)."""
-    assert figures_table(FIGURES) in README.read_text()
+    assert figures_table(FIGURES) in page_with(BEGIN).read_text()
     assert set(quickstart_commands()) <= set(PYTHON_COMMANDS)  # each runs as written in test_readme_command
     summary = json.loads((FIGURES / "summary.json").read_text())
     assert (summary["method"], summary["dataset"], summary["width"]) == ("vdg", "digits", 8)
@@ -448,9 +504,9 @@ MINI_SWEEP = "python scripts/pretrain.py -m +sweep=table1_mini dataset=folder da
 def test_mini_table_is_rendered_from_the_records_its_sweep_wrote():
     """The README's reduced-scale Table 1 is the table make_tables renders from docs/results/table1_mini/, the
     records (and run summaries) of one table1_mini sweep, copied there by scripts/readme_figures.py --mini."""
-    readme = README.read_text()
-    assert readme_block(MINI_FIGURES) in readme
-    assert MINI_SWEEP in readme and MINI_SWEEP in PYTHON_COMMANDS
+    page = page_with(README_BEGIN).read_text()
+    assert readme_block(MINI_FIGURES) in page
+    assert MINI_SWEEP in page and MINI_SWEEP in PYTHON_COMMANDS
     records = load_results(MINI_FIGURES)
     sweep = OmegaConf.load(REPO / "configs" / "sweep" / "table1_mini.yaml")
     runs = {(r["method"], r["budget"], r["seed"]) for r in records}
@@ -518,7 +574,7 @@ def test_config_group_defaults_come_first():
 
 
 def test_package_map_covers_every_module():
-    text = section("Package map")
+    text = page_with("| module | what it holds |").read_text()
     mapped = set(re.findall(r"^\| `(vdg/[\w/]+\.py)` \|", text, re.M))
     modules = {str(p.relative_to(REPO)) for p in (REPO / "vdg").rglob("*.py") if p.name != "__init__.py"}
     modules.add("vdg/methods/__init__.py")  # the registry is worth its own line
@@ -528,11 +584,25 @@ def test_package_map_covers_every_module():
     assert scripts <= set(re.findall(r"\w+", line)), sorted(scripts - set(re.findall(r"\w+", line)))
 
 
-def test_relative_links_point_to_files():
-    for target in re.findall(r"\]\(((?:docs|vdg|configs|notebooks|scripts)/[^)#]+)\)", README.read_text()):
-        if target == "docs/distributed.md" and not (REPO / target).exists():
-            continue  # written with the multi-GPU work
-        assert (REPO / target).exists(), target
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the page's headings: lower case, punctuation dropped, spaces as '-'."""
+    headings = re.findall(r"^#+ (.*)$", re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_relative_links_point_to_files_and_headings():
+    for page in PAGES:
+        for target, anchor in re.findall(r"\]\((?!https?:)([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
+            path = (page.parent / target).resolve() if target else page
+            if path == REPO / "docs" / "architecture.md" and not path.exists():
+                continue  # written with the layering work (issue 25, items 1-3)
+            assert path.exists(), f"{page.relative_to(REPO)}: {target}"
+            if anchor and path.suffix == ".md":
+                assert anchor in anchors(path), f"{page.relative_to(REPO)}: {target}#{anchor}"
+
+
+def test_readme_is_short():
+    assert len(README.read_text().splitlines()) <= 250
 
 
 def test_readme_parsers():

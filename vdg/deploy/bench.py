@@ -501,16 +501,14 @@ def check_bench_config(cfg: Any) -> None:
 
     from vdg.core.errors import ConfigError
     from vdg.core.options import check_choice, check_int, check_known_keys, check_number, check_str
-    from vdg.core.paths import CONFIG_DIR
+    from vdg.core.paths import config_file
     from vdg.data.datasets import SPLITS
     from vdg.models.resnet import STEMS
 
-    config = CONFIG_DIR / "bench_inference.yaml"
-    if config.is_file():
-        defaults = OmegaConf.load(config)
-        check_known_keys("", cfg, [k for k in defaults if k != "defaults"])
-        for section in ("data", "model", "calibration"):
-            check_known_keys(section, cfg.get(section) or {}, defaults[section].keys())
+    defaults = OmegaConf.load(config_file("bench_inference.yaml"))
+    check_known_keys("", cfg, [k for k in defaults if k != "defaults"])
+    for section in ("data", "model", "calibration"):
+        check_known_keys(section, cfg.get(section) or {}, defaults[section].keys())
     if cfg.ckpt is not None:
         check_str("ckpt", cfg.ckpt)
     for key in ("batch_size", "threads", "images", "rounds"):

@@ -181,14 +181,12 @@ def check_export_config(cfg: Any) -> None:
 
     from vdg.core.errors import ConfigError
     from vdg.core.options import check_data_overrides, check_known_keys, check_str
-    from vdg.core.paths import CONFIG_DIR
+    from vdg.core.paths import config_file
 
     for key, what in (("ckpt", "ckpt=PATH: the pretraining checkpoint"), ("branch", "branch=dense|gated")):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
             raise ConfigError(f"{what} is required")
-    config = CONFIG_DIR / "export.yaml"
-    if config.is_file():
-        check_known_keys("", cfg, [k for k in OmegaConf.load(config) if k != "defaults"])
+    check_known_keys("", cfg, [k for k in OmegaConf.load(config_file("export.yaml")) if k != "defaults"])
     check_str("ckpt", cfg.ckpt)
     check_choice("branch", cfg.branch, [b.value for b in Branch])
     for key in ("expected_method", "out_dir", "name"):

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from vdg.core.errors import CheckpointError, ConfigError
-from vdg.core.paths import CONFIG_DIR
+from vdg.core.paths import CONFIG_DIR, config_file
 from vdg.data.datasets import build_dataset
 from vdg.data.module import eval_loader
 from vdg.eval.features import Features, channels_last, eval_mode, extract_branches, extract_features, gate_report
@@ -67,13 +67,11 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...] | list[str]) -> 
     return str(value)
 
 
-def allowed_eval_keys(protocol: str) -> set[str] | None:
+def allowed_eval_keys(protocol: str) -> set[str]:
     """Top-level keys of an evaluation config: linear_eval.yaml's plus those of configs/eval/<protocol>.yaml."""
-    files = [CONFIG_DIR / "linear_eval.yaml", CONFIG_DIR / "eval" / f"{protocol}.yaml"]
+    files = [config_file("linear_eval.yaml"), config_file("eval", f"{protocol}.yaml")]
     if protocol == "transfer":
-        files.append(CONFIG_DIR / "eval" / "linear.yaml")
-    if not all(f.is_file() for f in files):
-        return None
+        files.append(config_file("eval", "linear.yaml"))
     return {k for f in files for k in OmegaConf.load(f) if k not in ("defaults", "hydra")}
 
 

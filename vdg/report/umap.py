@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from vdg.core.errors import ConfigError
-from vdg.core.paths import CONFIG_DIR
+from vdg.core.paths import config_file
 from vdg.data.module import eval_loader
 from vdg.eval.features import extract_features
 from vdg.eval.protocols import (
@@ -87,9 +87,7 @@ def check_umap_config(cfg: DictConfig) -> None:
 
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to plot")
-    config = CONFIG_DIR / "umap.yaml"
-    if config.is_file():
-        check_known_keys("", cfg, [k for k in OmegaConf.load(config) if k != "defaults"])
+    check_known_keys("", cfg, [k for k in OmegaConf.load(config_file("umap.yaml")) if k != "defaults"])
     for key, allowed in (("branch", BRANCH_CHOICES), ("image_stats", IMAGE_STATS)):
         if cfg[key] not in allowed:
             raise ConfigError(f"unknown {key} {cfg[key]!r}; allowed values: {list(allowed)}")

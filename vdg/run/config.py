@@ -27,7 +27,7 @@ from vdg.core.options import (
     is_int,
     is_number,
 )
-from vdg.core.paths import CONFIG_DIR
+from vdg.core.paths import config_file
 from vdg.data.datasets import DATASETS
 from vdg.data.gpu_module import BACKENDS
 from vdg.eval.reference import check_seeds
@@ -50,11 +50,9 @@ def _yaml_keys(path: Path) -> frozenset[str]:
     return frozenset(k for k in (data or {}) if k != "defaults")
 
 
-def _group_keys(group: str, option: str | None) -> frozenset[str] | None:
+def _group_keys(group: str, option: str | None) -> frozenset[str]:
     """Keys of configs/<group>/<option>.yaml; all files of the group when that file does not exist."""
-    folder = CONFIG_DIR / group
-    if not folder.is_dir():
-        return None
+    folder = config_file(group)
     path = folder / f"{option}.yaml"
     if option and path.is_file():
         return _yaml_keys(path)
@@ -64,10 +62,7 @@ def _group_keys(group: str, option: str | None) -> frozenset[str] | None:
 @cache
 def _section_keys() -> dict[str, frozenset[str]]:
     """Keys of the fixed sections of configs/pretrain.yaml (backbone:, gating:, data:, ...)."""
-    path = CONFIG_DIR / "pretrain.yaml"
-    if not path.is_file():
-        return {}
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    data = OmegaConf.to_container(OmegaConf.load(config_file("pretrain.yaml")), resolve=False)
     return {k: frozenset(v) for k, v in data.items() if isinstance(v, dict) and k != "hydra"}
 
 
@@ -89,16 +84,15 @@ def check_config_keys(cfg: DictConfig) -> None:
         if group in cfg and isinstance(cfg[group], DictConfig):
             check_known_keys(group, cfg[group], _group_keys(group, cfg[group].get("name")))
     if "trainer" in cfg:
-        defaults = _group_keys("trainer", "default") or frozenset()
+        defaults = _group_keys("trainer", "default")
         for key in RESERVED_TRAINER_KEYS:
             _require(key not in cfg.trainer, f"trainer.{key} is set by vdg itself and cannot be overridden")
         check_known_keys("trainer", cfg.trainer, defaults | trainer_arguments(),
                          " and any pytorch_lightning.Trainer argument", shown=defaults)
     wandb = OmegaConf.select(cfg, "logger.wandb")
     if isinstance(wandb, DictConfig):
-        path = CONFIG_DIR / "logger" / "wandb.yaml"
-        if path.is_file():
-            check_known_keys("logger.wandb", wandb, OmegaConf.load(path).wandb.keys())
+        path = config_file("logger", "wandb.yaml")
+        check_known_keys("logger.wandb", wandb, OmegaConf.load(path).wandb.keys())
 
 
 # ------------------------------------------------------------------------------------------- sections
