@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from vdg.report.mini_table import build_mini_table
 from vdg.report.paper_results import (
     DENSE_FLOPS,
     PAPER_TABLES,
@@ -407,3 +408,27 @@ def test_reduced_scale_records_fill_only_the_mini_table_with_the_spread_over_see
     linear10 = next(r for r in rows if r[:2] == ["10%", "ours, linear"])
     assert linear10[3:5] == ["30.00", "88.00%"]  # an image folder (CIFAR-10 as JPEGs) counts; one seed: no ±
     assert "data cifar10/folder" in text
+
+
+def test_mini_table_shows_the_random_init_and_raw_pixel_references_over_seeds(tmp_path: Path) -> None:
+    records = _mini_records()
+    plain = build_mini_table("table1_mini", records).rows
+    assert not any("random init" in r[1] or "raw pixels" in r[1] for r in plain)
+    for seed, shift in ((1, 0.0), (2, 1.0)):
+        knn = {"protocol": "knn", "k": 1, "distance": "euclidean"}
+        records += [
+            _mini("vicreg", "dense", 0.3, 33.0, seed, **knn, random_init={"top1_mean": 18.0 + shift}),
+            _mini("vdg", "gated", 0.1, 31.0, seed, **knn, random_init={"top1_mean": 17.0 + shift}),
+            _mini("vdg", "gated", 0.5, 32.0, seed, **knn, random_init={"top1_mean": 19.0 + shift}),
+            _mini("vicreg", "pixels", 0.3, 27.0 + shift, seed, **knn, features="pixels", flops_reduction=None),
+        ]
+    rows = build_mini_table("table1_mini", records).rows
+    random_knn = next(r for r in rows if r[1] == "random init, 1-NN")
+    # per column, each seed's references averaged over its budgets, then mean ± std over the seeds
+    assert random_knn == ["", "random init, 1-NN", "18.50 ± 0.71 (n=2)", "—", "", "—", "18.50 ± 0.71 (n=2)", ""]
+    pixels = next(r for r in rows if r[1] == "raw pixels (no network), 1-NN")
+    assert pixels == ["", "raw pixels (no network), 1-NN", *(["27.50 ± 0.71 (n=2)"] * 2 + [""]) * 2]
+    assert not any(r[1] in ("random init, linear", "raw pixels (no network), linear") for r in rows)  # no records
+    # a trained cell keeps the trained figure (33), never the reference, and pixel records fill no network's cell
+    knn30 = rows[rows.index(next(r for r in rows if r[:2] == ["30%", "ours, linear"])) + 1]
+    assert knn30[:3] == ["", "ours, 1-NN", "33.00 ± 0.00 (n=2)"]

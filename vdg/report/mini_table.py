@@ -184,8 +184,34 @@ def build_mini_table(name: str, records: Iterable[Record]) -> MiniTable:
             else:
                 cells.append(f"{value.top1:.2f}" + ("" if value.std is None else f" ± {value.std:.2f}"))
         rows.append(cells)
+    rows.extend(_reference_rows(spec, pool))
     matched_records = [r for r in pool if id(r) in used]
     return MiniTable(name, spec.title, _scale_lines(matched_records, spec), header, rows, len(used), used)
+
+
+def _reference_rows(spec: MiniSpec, pool: list[Record]) -> list[list[str]]:
+    """"Better than what?": the same evaluations of randomly initialised networks of each column's architecture and
+    branch (the records' `random_init` means) and of the raw pixels (`features=pixels` records, branch "pixels"),
+    mean ± std over pretraining seeds (each seed draws its own subset). A row appears only when records hold it."""
+    rows = []
+    for label, protocol, distance in spec.evaluations:
+        evaluated = [r for r in pool if _matches(r, protocol, distance)]
+        cells, found = ["", f"random init, {label}"], False
+        for col in spec.columns:
+            if col.kind != "top1":
+                cells.append("")
+                continue
+            refs = [{"seed": r.get("seed"), "value": r["random_init"]["top1_mean"]} for r in evaluated
+                    if r.get("method") == col.model and r.get("branch") == col.branch and r.get("random_init")]
+            found = found or bool(refs)
+            cells.append(_format(_per_seed(refs, "value")))
+        if found:
+            rows.append(cells)
+        pixels = _per_seed([r for r in evaluated if r.get("branch") == "pixels"], "value")
+        if pixels:
+            rows.append(["", f"raw pixels (no network), {label}",
+                         *(_format(pixels) if col.kind == "top1" else "" for col in spec.columns)])
+    return rows
 
 
 def render_mini_markdown(table: MiniTable) -> str:
