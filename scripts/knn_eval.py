@@ -15,9 +15,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from vdg.core.cli import report_user_errors
 from vdg.eval.protocols import evaluate
 from vdg.eval.summary import summary_lines
-from vdg.run.cli import command_line, report_user_errors
+from vdg.run.cli import command_line
 
 SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
 

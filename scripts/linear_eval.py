@@ -24,9 +24,10 @@ from pathlib import Path  # noqa: E402
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from vdg.core.cli import report_user_errors  # noqa: E402
 from vdg.eval.protocols import evaluate  # noqa: E402
 from vdg.eval.summary import summary_lines  # noqa: E402
-from vdg.run.cli import command_line, report_user_errors  # noqa: E402
+from vdg.run.cli import command_line  # noqa: E402
 
 SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
 

@@ -453,7 +453,7 @@ def decode_folder(
         images[start : start + len(batch)] = batch
         start += len(batch)
     blob = {"fingerprint": fingerprint, "images": images, "labels": dataset.labels, "classes": dataset.classes}
-    from vdg.run.checkpoint_io import atomic_write, remove_orphans
+    from vdg.core.atomic import atomic_write, remove_orphans
 
     try:
         remove_orphans(cache.parent)  # temp files of killed writers (live writers' are kept)

@@ -444,9 +444,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def append_row(result: Mapping[str, Any], path: str | Path) -> Path:
     """Add `result` as one row of the markdown table at `path` (created with its header).
 
-    The file is replaced atomically (vdg.run.checkpoint_io), so a killed run never leaves half a row, and its
+    The file is replaced atomically (vdg.core.atomic), so a killed run never leaves half a row, and its
     mode follows the umask."""
-    from vdg.run.checkpoint_io import atomic_write_text
+    from vdg.core.atomic import atomic_write_text
 
     path = Path(path)
     header = "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
@@ -573,7 +573,7 @@ def run_benchmark(cfg: Any) -> dict[str, Any]:
     """scripts/bench_inference.py: the setup its config asks for (checkpoint or calibrated), then `measure`."""
     check_bench_config(cfg)
     if cfg.results:
-        from vdg.run.rundir import check_writable
+        from vdg.core.rundir import check_writable
 
         check_writable(Path(cfg.results).parent, "results")  # before minutes of timing, not after
     executions = list(cfg.executions)

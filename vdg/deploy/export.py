@@ -38,7 +38,7 @@ def export_name(method: str, dataset: str, budget: float | None, branch: str | B
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """`write(temp_path)` into the target folder, then rename: a reader never sees half a file; the file's mode
     follows the umask (colleagues can read exports); a full disk is a one-line StorageError."""
-    from vdg.run.checkpoint_io import atomic_write
+    from vdg.core.atomic import atomic_write
 
     atomic_write(path, write)
 
@@ -157,8 +157,8 @@ def export_backbone(
             f"{', '.join(map(str, existing))} already exist(s) and hold another export (its weights, source "
             "checkpoint or settings differ); pass overwrite=true to replace them, or out_dir=/name= to keep both"
         )
-    from vdg.run.checkpoint_io import remove_orphans
-    from vdg.run.rundir import check_writable
+    from vdg.core.atomic import remove_orphans
+    from vdg.core.rundir import check_writable
 
     check_writable(out, "out_dir")
     out.mkdir(parents=True, exist_ok=True)

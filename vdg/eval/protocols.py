@@ -156,7 +156,7 @@ def _plain(value: Any) -> Any:
 def check_eval_data(cfg: DictConfig, pretrain_cfg: DictConfig) -> None:
     """The evaluated splits exist (downloaded now if allowed), their class lists agree, k fits the bank, and
     the results folder can be written: all before any feature is extracted or any probe trained."""
-    from vdg.run.rundir import check_writable
+    from vdg.core.rundir import check_writable
 
     target = str(cfg.target) if cfg.protocol == "transfer" else None
     dataset = eval_dataset(pretrain_cfg, target, str(cfg.image_stats))

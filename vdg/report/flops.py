@@ -43,8 +43,8 @@ def block_usage(cost: NetworkCost, active_channels: Any, masks: Any) -> list[dic
 def check_flops_config(cfg: DictConfig) -> None:
     """The options, and with report=true the results folder's permissions, before any model is built."""
     from vdg.core.options import check_bool, check_choice, check_int, check_str
+    from vdg.core.rundir import check_writable
     from vdg.eval.protocols import check_device
-    from vdg.run.rundir import check_writable
 
     check_bool("report", cfg.get("report", False))
     if check_bool("latency", cfg.get("latency", False)):

@@ -82,8 +82,8 @@ def spread_subset(n: int, size: int | None) -> list[int]:
 def check_umap_config(cfg: DictConfig) -> None:
     """Every option, the output folder's permissions included, before the checkpoint is even read."""
     from vdg.core.options import check_int, check_known_keys, check_str
+    from vdg.core.rundir import check_writable
     from vdg.eval.protocols import check_device
-    from vdg.run.rundir import check_writable
 
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to plot")

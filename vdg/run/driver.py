@@ -3,7 +3,7 @@
 Run directory layout: config.yaml (resolved), .hydra/ (the command's Hydra record), checkpoints/{last.ckpt,
 epochNNNN.ckpt}, metrics.csv, summary.json, pretrain.log. The science lives in `vdg.methods`; this module only
 validates, wires, resumes and records. Everything a run needs is checked before the run directory is created or
-touched; one process at a time owns it (`vdg.run.rundir.RunDirLock`); a refused run leaves it as it was; every
+touched; one process at a time owns it (`vdg.core.rundir.RunDirLock`); a refused run leaves it as it was; every
 record is replaced atomically, never deleted first.
 """
 
@@ -22,7 +22,9 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities import rank_zero_only
 
+from vdg.core.atomic import atomic_write_text, remove_orphans, storage_error
 from vdg.core.errors import ConfigError, Interrupted, StorageError
+from vdg.core.rundir import RunDirLock, check_writable, create_dirs, remove_created
 from vdg.data import PretrainDataModule
 from vdg.data.datasets import build_dataset
 from vdg.data.module import eval_loader
@@ -31,13 +33,12 @@ from vdg.methods import METHODS, BaseMethod, build_method
 from vdg.methods.base import sync_batchnorm_scope
 from vdg.models import Branch
 from vdg.run.callbacks import FAULT_ENV, EpochTimer, FaultInjection, NonFiniteGuard, RNGState
-from vdg.run.checkpoint_io import AtomicCheckpointIO, atomic_write_text, remove_orphans, storage_error
+from vdg.run.checkpoint_io import AtomicCheckpointIO
 from vdg.run.config import validate_pretrain_config
 from vdg.run.hardstop import hard_stop
 from vdg.run.logging import build_loggers, check_logger
 from vdg.run.progress import progress_callbacks
 from vdg.run.resume import ExtendedSchedule, ResumePoint, find_resume_point
-from vdg.run.rundir import RunDirLock, check_writable, create_dirs, remove_created
 from vdg.run.student import resolve_student_widths, save_student_record
 
 log = logging.getLogger(__name__)

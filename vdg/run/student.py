@@ -108,6 +108,6 @@ def resolve_student_widths(cfg: DictConfig) -> dict[str, Any] | None:
 
 def save_student_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
     """Write the policy measurement to run_dir/student_widths.json (what the student's shape came from)."""
-    from vdg.run.checkpoint_io import atomic_write_text
+    from vdg.core.atomic import atomic_write_text
 
     return atomic_write_text(Path(run_dir) / CACHE_NAME, json.dumps(record, indent=1) + "\n")
