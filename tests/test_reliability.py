@@ -25,8 +25,8 @@ import torch
 
 from vdg.core.errors import CheckpointError, NonFiniteLossError, RunDirError
 from vdg.core.rundir import LOCK_NAME, RunDirLock
+from vdg.methods.checkpoint import load_method, read_checkpoint
 from vdg.methods.vdg import VDG
-from vdg.run.checkpoint import load_method, read_checkpoint
 from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config

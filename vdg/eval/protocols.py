@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from vdg.core.errors import CheckpointError, ConfigError
+from vdg.core.errors import ConfigError
 from vdg.core.paths import CONFIG_DIR
 from vdg.data.datasets import build_dataset
 from vdg.data.module import eval_loader
@@ -33,8 +33,8 @@ from vdg.eval.views import (
     batched_views_of,
     choose_backend,
 )
+from vdg.methods.checkpoint import load_method, require_branch
 from vdg.models import Branch, GatedResNet, network_cost
-from vdg.run.checkpoint import load_method, require_branch
 
 log = logging.getLogger(__name__)
 
@@ -189,18 +189,6 @@ def linear_protocol(cfg: DictConfig, seed: int) -> LinearProtocol:
         raise ConfigError(str(err)) from err
 
 
-def load_checkpoint(ckpt: str | Path, method: str | None = None):  # noqa: ANN201 - BaseMethod
-    """`vdg.run.checkpoint.load_method`, with weights of the wrong shape reported as a CheckpointError too."""
-    try:
-        return load_method(ckpt, method)
-    except RuntimeError as err:  # load_state_dict: size mismatch (e.g. another backbone width)
-        first = str(err).strip().splitlines()
-        detail = "; ".join(line.strip() for line in first[1:3]) or first[0]
-        raise CheckpointError(
-            f"{ckpt} does not fit the architecture its own config describes (edited or foreign weights): {detail}"
-        ) from err
-
-
 def select_branches(model: Any, choice: str) -> list[Branch]:
     """ "both": every branch the checkpoint serves (dense first); otherwise the one named, if it has it."""
     if choice == "both":
@@ -285,7 +273,7 @@ class Evaluation:
     def __init__(self, cfg: DictConfig) -> None:
         check_eval_config(cfg)
         self.cfg = cfg
-        self.model = load_checkpoint(cfg.ckpt, cfg.get("expected_method"))
+        self.model = load_method(cfg.ckpt, cfg.get("expected_method"))
         self.branches = select_branches(self.model, cfg.branch)
         self.pretrain_cfg = self.model.cfg
         target = str(cfg.target) if cfg.protocol == "transfer" else None

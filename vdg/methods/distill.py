@@ -2,7 +2,7 @@
 
 A `DistillMethod` is a trainable student, `BaseMethod`'s backbone (a dense ResNet-18, slim when
 backbone.block_widths or student.channels_from shape it) with the method's heads, plus a frozen `Teacher`
-(`vdg.models.teachers`). It loads, resolves and guards the teacher; the objective is the subclass's `ssl_step`.
+(`vdg.methods.teachers`). It loads, resolves and guards the teacher; the objective is the subclass's `ssl_step`.
 
 The teacher is deliberately *not* a submodule: its weights never reach the optimiser, DDP or the student's
 checkpoints (a MoCo ResNet-50 would double every checkpoint), and Lightning's `.train()` on the module cannot
@@ -21,8 +21,8 @@ from torch import Tensor
 
 from vdg.core.errors import TeacherError
 from vdg.methods.base import BaseMethod
+from vdg.methods.teachers import TEACHER_OUTPUTS, Teacher, load_teacher
 from vdg.models import Branch
-from vdg.models.teachers import TEACHER_OUTPUTS, Teacher, load_teacher
 
 CHECKPOINT_KEY = "vdg_teacher"  # the teacher record in a student's checkpoint
 

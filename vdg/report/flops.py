@@ -85,11 +85,11 @@ def flops_summary(cfg: DictConfig) -> dict[str, Any]:
         }
     from vdg.data.module import eval_loader
     from vdg.eval.features import extract_features, gate_report
-    from vdg.eval.protocols import data_config, load_checkpoint, resolve_device
-    from vdg.run.checkpoint import require_branch
+    from vdg.eval.protocols import data_config, resolve_device
+    from vdg.methods.checkpoint import load_method, require_branch
 
     report = bool(cfg.get("report", False))
-    model = load_checkpoint(cfg.ckpt)
+    model = load_method(cfg.ckpt)
     require_branch(model, Branch.GATED)
     run_cfg = model.cfg.copy()
     OmegaConf.set_struct(run_cfg, False)

@@ -25,11 +25,11 @@ from vdg.eval.protocols import (
     IMAGE_STATS,
     data_config,
     eval_dataset,
-    load_checkpoint,
     resolve_device,
     select_branches,
 )
 from vdg.eval.results import results_dir
+from vdg.methods.checkpoint import load_method
 from vdg.report.plots import plot_embeddings
 
 
@@ -110,7 +110,7 @@ def check_umap_config(cfg: DictConfig) -> None:
 def umap_plot(cfg: DictConfig) -> dict[str, Any]:
     """Embed the test split of the checkpoint's pretraining dataset per branch and write one PNG."""
     check_umap_config(cfg)
-    model = load_checkpoint(cfg.ckpt, cfg.get("expected_method"))
+    model = load_method(cfg.ckpt, cfg.get("expected_method"))
     branches = select_branches(model, cfg.branch)
     dataset = eval_dataset(model.cfg, None, str(cfg.image_stats))
     data = data_config(model.cfg, cfg)

@@ -367,7 +367,7 @@ def validate_pretrain_config(cfg: Any) -> list[DictConfig]:
 def validate_distillation_config(cfg: Any) -> None:
     """teacher.* only with a distillation method (simreg, seed), and in range; student.budget a t_d."""
     from vdg.methods import METHODS, DistillMethod
-    from vdg.models.teachers import TEACHER_FORMATS
+    from vdg.methods.teachers import TEACHER_FORMATS
 
     teacher = cfg.get("teacher") or {}
     distills = issubclass(METHODS[cfg.method.name], DistillMethod)

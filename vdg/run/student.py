@@ -26,8 +26,8 @@ def policy_widths(ckpt: str | Path, data: dict[str, Any]) -> dict[str, Any]:
     """
     from vdg.core.errors import CheckpointError
     from vdg.deploy.slim import checkpoint_profile, slim_widths
-    from vdg.models.teachers import file_sha256
-    from vdg.run.checkpoint import read_checkpoint
+    from vdg.methods.checkpoint import read_checkpoint
+    from vdg.methods.teachers import file_sha256
 
     path = Path(ckpt).expanduser().resolve()
     saved = read_checkpoint(path)["hyper_parameters"]["cfg"]
@@ -49,7 +49,7 @@ def policy_widths(ckpt: str | Path, data: dict[str, Any]) -> dict[str, Any]:
 
 def _cached(cache: Path, ckpt: Path) -> dict[str, Any] | None:
     """The cached measurement of `ckpt`, if the cache describes this very file (same content hash)."""
-    from vdg.models.teachers import file_sha256
+    from vdg.methods.teachers import file_sha256
 
     if not cache.is_file():
         return None
