@@ -3,6 +3,7 @@
 stopped run one line with 130; plus the command line's plumbing (option splitting, paths with '=' quoted).
 
 Plumbing only: imports nothing from vdg above core, composes no config (that is `vdg.run.cli`), holds no science.
+Importing it is cheap (no torch): Lightning's error type is imported on first use, so a sweep's dry run stays fast.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from hydra.errors import HydraException
-from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
 
 from vdg.core.errors import ConfigError, Interrupted, VdgError
@@ -32,6 +32,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     `error: <message>` and exit 2 (`exit_with`) instead of a traceback. Every vdg one is a `VdgError`; Lightning
     reports a Trainer setting the machine cannot honour (e.g. `trainer.accelerator=gpu` without one) as a
     MisconfigurationException."""
+    # heavy: lightning_fabric imports torch, and a sweep's dry run (scripts/pretrain.py) lists its jobs without it
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
     return (VdgError, MisconfigurationException)
 
 
@@ -83,6 +86,8 @@ def as_user_error(err: BaseException) -> VdgError | None:
     path (a name the file system refuses, a permission): each becomes one line that names the key or the path.
     `VDG_TRACEBACK=1` keeps the traceback of everything but vdg's own errors.
     """
+    from lightning_fabric.utilities.exceptions import MisconfigurationException  # heavy: imports torch (see above)
+
     if isinstance(err, VdgError):
         return err
     if os.environ.get("VDG_TRACEBACK"):  # a maintainer debugging: every exception keeps its traceback

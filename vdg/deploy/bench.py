@@ -16,16 +16,24 @@ from statistics import median
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from vdg.core.atomic import atomic_write_text
 from vdg.core.errors import ConfigError
 from vdg.core.machine import aten_isa, cpu_model, onednn_isa
+from vdg.core.options import check_choice, check_int, check_known_keys, check_number, check_str
+from vdg.core.paths import CONFIG_DIR
+from vdg.core.rundir import check_writable
+from vdg.data.datasets import SPLITS
+from vdg.data.module import eval_loader
 from vdg.deploy import native
 from vdg.deploy.native import NativeKernelError
-from vdg.deploy.slim import profile_from_masks, slim_resnet, slim_widths
+from vdg.deploy.slim import ChannelProfile, gated_checkpoint, profile_from_masks, slim_resnet, slim_widths
 from vdg.deploy.sparse import KERNELS, BlockPath, FoldedResNet, interleaved_times
 from vdg.models import Branch, GatedResNet, network_cost
 from vdg.models.encoder import branch_encoder
+from vdg.models.resnet import STEMS
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +169,6 @@ def checkpoint_setup(
     A method without a dense branch (vicreg_gating) is timed against a dense network of the same architecture
     with random weights: its speed does not depend on the values.
     """
-    from vdg.data.module import eval_loader
-    from vdg.deploy.slim import gated_checkpoint
-
     model, cfg = gated_checkpoint(ckpt, dict(data or {}))
     images = []
     for batch, _ in eval_loader(cfg, split, batch_size=min(num_images, 512), num_workers=0):
@@ -446,8 +451,6 @@ def append_row(result: Mapping[str, Any], path: str | Path) -> Path:
 
     The file is replaced atomically (vdg.core.atomic), so a killed run never leaves half a row, and its
     mode follows the umask."""
-    from vdg.core.atomic import atomic_write_text
-
     path = Path(path)
     header = "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
     if path.exists():
@@ -497,14 +500,6 @@ def check_bench_config(cfg: Any) -> None:
     """Every option of configs/bench_inference.yaml, before any network is built or checkpoint read: an unknown
     key, a wrong type or value is one `ConfigError` line naming the key and the allowed values (as vdg.run.config
     does for pretraining)."""
-    from omegaconf import OmegaConf
-
-    from vdg.core.errors import ConfigError
-    from vdg.core.options import check_choice, check_int, check_known_keys, check_number, check_str
-    from vdg.core.paths import CONFIG_DIR
-    from vdg.data.datasets import SPLITS
-    from vdg.models.resnet import STEMS
-
     config = CONFIG_DIR / "bench_inference.yaml"
     if config.is_file():
         defaults = OmegaConf.load(config)
@@ -564,8 +559,6 @@ def check_bench_config(cfg: Any) -> None:
 
 
 def _plain(value: Any) -> Any:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
@@ -573,8 +566,6 @@ def run_benchmark(cfg: Any) -> dict[str, Any]:
     """scripts/bench_inference.py: the setup its config asks for (checkpoint or calibrated), then `measure`."""
     check_bench_config(cfg)
     if cfg.results:
-        from vdg.core.rundir import check_writable
-
         check_writable(Path(cfg.results).parent, "results")  # before minutes of timing, not after
     executions = list(cfg.executions)
     if cfg.ckpt is not None:
@@ -597,11 +588,6 @@ def run_benchmark(cfg: Any) -> dict[str, Any]:
 
 def calibrated_setup_from_config(cfg: Any) -> BenchSetup:
     """`calibrated_setup` from the `model:` and `calibration:` blocks of configs/bench_inference.yaml."""
-    from omegaconf import OmegaConf
-
-    from vdg.core.errors import ConfigError
-    from vdg.deploy.slim import ChannelProfile
-
     model, calibration = cfg.model, cfg.calibration
     if calibration.profile is not None:
         profile = ChannelProfile.load(calibration.profile)

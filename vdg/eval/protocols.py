@@ -15,8 +15,10 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from vdg.core.errors import ConfigError
+from vdg.core.errors import ConfigError, Interrupted
+from vdg.core.options import check_bool, check_data_overrides, check_int, check_known_keys, check_number, check_str
 from vdg.core.paths import CONFIG_DIR
+from vdg.core.rundir import check_writable
 from vdg.data.datasets import build_dataset
 from vdg.data.module import eval_loader
 from vdg.eval.features import Features, channels_last, eval_mode, extract_branches, extract_features, gate_report
@@ -33,6 +35,7 @@ from vdg.eval.views import (
     batched_views_of,
     choose_backend,
 )
+from vdg.methods import METHODS
 from vdg.methods.checkpoint import load_method, require_branch
 from vdg.models import Branch, GatedResNet, network_cost
 
@@ -104,9 +107,6 @@ def check_eval_config(cfg: DictConfig, need_checkpoint: bool = True) -> None:
     Types are strict (epochs=2.5 or runs=true are refused, never truncated); need_checkpoint=False checks an
     evaluation chained after pretraining, whose checkpoint does not exist yet.
     """
-    from vdg.core.options import check_bool, check_data_overrides, check_int, check_known_keys, check_number, check_str
-    from vdg.methods import METHODS
-
     if need_checkpoint and (OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt):
         raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to evaluate")
     protocol = _choice(cfg, "protocol", PROTOCOLS)
@@ -156,8 +156,6 @@ def _plain(value: Any) -> Any:
 def check_eval_data(cfg: DictConfig, pretrain_cfg: DictConfig) -> None:
     """The evaluated splits exist (downloaded now if allowed), their class lists agree, k fits the bank, and
     the results folder can be written: all before any feature is extracted or any probe trained."""
-    from vdg.core.rundir import check_writable
-
     target = str(cfg.target) if cfg.protocol == "transfer" else None
     dataset = eval_dataset(pretrain_cfg, target, str(cfg.image_stats))
     data = data_config(pretrain_cfg, cfg)
@@ -522,8 +520,6 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
     The caller's CPU RNG is left as it was (building the model and iterating data loaders draw from it); the
     GPU RNGs are never drawn from (the views have their own generators).
     """
-    from vdg.core.errors import Interrupted
-
     try:
         with torch.random.fork_rng(devices=[]):
             evaluation = Evaluation(cfg)

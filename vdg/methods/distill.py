@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from vdg.core.errors import TeacherError
+from vdg.core.errors import CheckpointError, TeacherError
 from vdg.methods.base import BaseMethod
 from vdg.methods.teachers import TEACHER_OUTPUTS, Teacher, load_teacher
 from vdg.models import Branch
@@ -155,8 +155,6 @@ class DistillMethod(BaseMethod):
         checkpoint[CHECKPOINT_KEY] = self.teacher_record()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from vdg.core.errors import CheckpointError
-
         recorded = checkpoint.get(CHECKPOINT_KEY) or {}
         current = self.cfg.teacher.get("sha256")
         if recorded.get("sha256") and current and recorded["sha256"] != current:

@@ -17,12 +17,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from vdg.core.errors import ConfigError
+from vdg.core.options import check_int, check_known_keys, check_str
 from vdg.core.paths import CONFIG_DIR
+from vdg.core.rundir import check_writable
 from vdg.data.module import eval_loader
 from vdg.eval.features import extract_features
 from vdg.eval.protocols import (
     BRANCH_CHOICES,
     IMAGE_STATS,
+    check_device,
     data_config,
     eval_dataset,
     resolve_device,
@@ -54,7 +57,7 @@ def umap_embedding(features: Tensor, n_neighbors: int = 50, random_state: int = 
     The k-NN graph is computed exactly here and handed to umap-learn (`precomputed_knn`): the same neighbours
     umap finds itself below 4,096 samples (above, it approximates), without compiling its numba search.
     """
-    import umap  # imported here: numba compiles on first use, which takes seconds
+    import umap  # optional heavy dependency: umap-learn (numba compiles on first use, which takes seconds)
 
     n = features.shape[0]
     if n < 3:
@@ -81,10 +84,6 @@ def spread_subset(n: int, size: int | None) -> list[int]:
 
 def check_umap_config(cfg: DictConfig) -> None:
     """Every option, the output folder's permissions included, before the checkpoint is even read."""
-    from vdg.core.options import check_int, check_known_keys, check_str
-    from vdg.core.rundir import check_writable
-    from vdg.eval.protocols import check_device
-
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to plot")
     config = CONFIG_DIR / "umap.yaml"
