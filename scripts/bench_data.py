@@ -22,9 +22,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from vdg.core.cli import exit_on_user_error, int_option, split_options
 from vdg.core.paths import CONFIG_DIR
 from vdg.data.module import PretrainDataModule
-from vdg.run.cli import exit_on_user_error, int_option, split_options
 from vdg.run.config import validate_pretrain_config
 
 OPTIONS = {"batches": "20", "warmup": "2", "backends": "[cpu,gpu]"}

@@ -37,12 +37,12 @@ from omegaconf import OmegaConf  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without `pip install -e .`
 
 from vdg.core import machine  # noqa: E402
+from vdg.core.cli import USER_ERRORS, exit_with, split_options  # noqa: E402
 from vdg.core.paths import CONFIG_DIR  # noqa: E402
 from vdg.eval.features import channels_last, eval_mode  # noqa: E402
 from vdg.eval.linear import train_linear_runs  # noqa: E402
 from vdg.eval.protocols import Evaluation, linear_protocol  # noqa: E402
 from vdg.eval.views import EpochFeatures  # noqa: E402
-from vdg.run.cli import USER_ERRORS, exit_with, split_options  # noqa: E402
 
 OPTIONS = {"bench_epochs": "3", "repeats": "3"}
 

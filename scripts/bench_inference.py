@@ -15,8 +15,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from vdg.core.cli import USER_ERRORS, exit_with, quote_path_values
 from vdg.deploy.bench import append_row, run_benchmark
-from vdg.run.cli import USER_ERRORS, exit_with, quote_path_values
 
 
 @hydra.main(config_path="../configs", config_name="bench_inference", version_base="1.3")

@@ -51,12 +51,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from vdg.core import machine
+from vdg.core.cli import exit_on_user_error, split_options
 from vdg.core.paths import CONFIG_DIR
 from vdg.data import PretrainDataModule
 from vdg.methods import BaseMethod, build_method
 from vdg.models import Branch
 from vdg.run.callbacks import EpochTimer
-from vdg.run.cli import exit_on_user_error, split_options
 from vdg.run.driver import trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]

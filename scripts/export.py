@@ -16,8 +16,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from vdg.core.cli import USER_ERRORS, exit_with, report_user_errors
 from vdg.deploy.export import check_export_config, export_backbone
-from vdg.run.cli import USER_ERRORS, command_line, exit_with, report_user_errors
+from vdg.run.cli import command_line
 
 SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from vdg.core.cli import report_user_errors
 from vdg.report.flops import flops_summary
-from vdg.run.cli import command_line, report_user_errors
+from vdg.run.cli import command_line
 
 SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
 

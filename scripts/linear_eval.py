@@ -5,8 +5,8 @@
 
 Options: configs/linear_eval.yaml and configs/eval/{linear,transfer}.yaml. Writes one JSON record per branch to
 <checkpoint dir>/results/ and prints a summary: one line per network (top-1 mean ± std over runs, FLOPs), or the
-records with json=true. Progress (per epoch, with the time left) goes to stderr. A thin wrapper over
-`vdg.eval.protocols.evaluate`.
+records with json=true. Progress (per epoch, with the time left) goes to stderr. The command is
+`vdg.run.evaluate` (shared with knn_eval.py).
 """
 
 import os
@@ -17,31 +17,9 @@ import os
 # an OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from vdg.eval.protocols import evaluate  # noqa: E402
-from vdg.eval.summary import summary_lines  # noqa: E402
-from vdg.run.cli import command_line, report_user_errors  # noqa: E402
-
-SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
-
-
-
-@hydra.main(config_path="../configs", config_name="linear_eval", version_base="1.3")
-@report_user_errors
-def main(cfg: DictConfig) -> None:
-    result = evaluate(cfg)
-    if cfg.json:  # the records, one JSON list, for scripts and jq
-        print(json.dumps(result.records, indent=2))
-    else:
-        print("\n".join(summary_lines(result.records, result.paths)))
-
+from vdg.run.evaluate import evaluation_script  # noqa: E402
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *command_line(sys.argv[1:], "linear_eval", SCRIPT_CONFIGS)]  # checks, quotes paths
-    main()
+    evaluation_script("linear_eval", Path(__file__).resolve().parents[1] / "configs")

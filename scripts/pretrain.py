@@ -17,7 +17,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from vdg.run.cli import command_line, report_user_errors
+from vdg.core.cli import report_user_errors
+from vdg.run.cli import command_line
 
 
 def job_overrides() -> list[str]:

@@ -14,9 +14,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from vdg.core.cli import report_user_errors
 from vdg.eval.summary import display_path
 from vdg.report.umap import umap_plot
-from vdg.run.cli import command_line, report_user_errors
+from vdg.run.cli import command_line
 
 SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
 

@@ -8,8 +8,8 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 
+from vdg.core.cli import quote_path_values
 from vdg.core.errors import ConfigError, DatasetError, RunDirError
-from vdg.run.cli import quote_path_values
 from vdg.run.config import validate_pretrain_config
 from vdg.run.driver import prepare, pretrain
 

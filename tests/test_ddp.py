@@ -23,7 +23,7 @@ from torch import nn
 
 from vdg.losses import vicreg_loss
 from vdg.losses.distributed import gather_rows, world_size
-from vdg.run.checkpoint import read_checkpoint
+from vdg.methods.checkpoint import read_checkpoint
 from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config

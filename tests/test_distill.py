@@ -25,10 +25,10 @@ from vdg.data import PretrainDataModule
 from vdg.eval.features import extract_features
 from vdg.losses.distill import seed_loss, simreg_loss
 from vdg.methods import METHODS, SEED, SimReg, build_method
+from vdg.methods.checkpoint import load_method
 from vdg.methods.seed import EmbeddingQueue
+from vdg.methods.teachers import IMAGENET_MEAN, detect_format, load_teacher
 from vdg.models import Branch
-from vdg.models.teachers import IMAGENET_MEAN, detect_format, load_teacher
-from vdg.run.checkpoint import load_method
 from vdg.run.driver import pretrain, trainer_kwargs
 
 from .conftest import TINY, compose_config, distill_overrides, write_tiny_teacher

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from vdg.core.cli import USER_ERROR_STATUS, exit_with, user_errors
 from vdg.core.errors import VdgError
-from vdg.run.cli import USER_ERROR_STATUS, exit_with, user_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vdg"
@@ -98,7 +98,7 @@ def test_hydra_and_omegaconf_errors_are_one_line_with_status_2(args, expected):
 def test_library_errors_from_user_input_are_translated_and_bugs_are_not():
     from omegaconf import OmegaConf
 
-    from vdg.run.cli import as_user_error
+    from vdg.core.cli import as_user_error
 
     cfg = OmegaConf.create({"run_dir": "${nowhere}"})
     with pytest.raises(Exception) as interpolation:

@@ -30,10 +30,10 @@ from vdg.eval.linear import LinearProtocol, train_linear_on_features
 from vdg.eval.protocols import data_config, dataset_config, eval_dataset, linear_protocol, transfer_dataset
 from vdg.eval.results import config_hash, result_filename, write_json
 from vdg.methods import build_method
+from vdg.methods.checkpoint import load_method
 from vdg.report.paper_results import CellKey
 from vdg.report.tables import build_table, load_results, record_key
 from vdg.report.umap import exact_knn, spread_subset
-from vdg.run.checkpoint import load_method
 from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config

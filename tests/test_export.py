@@ -16,9 +16,9 @@ import vdg
 from vdg.core.errors import CheckpointError
 from vdg.deploy.export import export_backbone, export_name, load_backbone
 from vdg.methods import build_method
+from vdg.methods.checkpoint import load_method
 from vdg.models import Branch, GatedResNet
 from vdg.models.encoder import BranchBackbone, branch_encoder
-from vdg.run.checkpoint import load_method
 from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config
@@ -312,7 +312,7 @@ def test_export_records_the_default_execution(tmp_path):
 
 @pytest.mark.parametrize("execution", ["sparse", "folded"])
 def test_a_teacher_from_a_sparse_or_folded_export_runs_masked(tmp_path, execution):
-    from vdg.models.teachers import load_teacher
+    from vdg.methods.teachers import load_teacher
 
     ckpt = write_checkpoint(tmp_path / "m.ckpt")
     paths = export_backbone(ckpt, "gated", out_dir=tmp_path, execution=execution)

@@ -15,10 +15,10 @@ import torch
 from vdg.core.errors import CheckpointError
 from vdg.data.module import eval_loader
 from vdg.eval.features import extract_features, gate_report
+from vdg.methods.checkpoint import load_method
 from vdg.models import GatedResNet, network_cost
 from vdg.report.flops import block_labels, flops_summary
 from vdg.report.tables import build_table, load_results
-from vdg.run.checkpoint import load_method
 from vdg.run.driver import pretrain
 
 from .conftest import TINY, compose_config

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import vdg.eval.features as eval_features
-import vdg.eval.knn as eval_knn
+import vdg.run.driver as driver
 from vdg.core.errors import ConfigError
 from vdg.data.gpu_module import free_device_memory
 from vdg.eval.api import evaluate_checkpoint
@@ -116,8 +116,8 @@ def test_final_knn_runs_on_the_device_the_model_trained_on(tiny_cfg, monkeypatch
         calls.append(("knn", train_features.device))
         return 50.0
 
-    monkeypatch.setattr(eval_features, "extract_features", extract)
-    monkeypatch.setattr(eval_knn, "knn_accuracy", knn)
+    monkeypatch.setattr(driver, "extract_features", extract)  # where final_knn looks them up
+    monkeypatch.setattr(driver, "knn_accuracy", knn)
     result = final_knn(model, cfg)
     meta = torch.device("meta")
     assert calls == [("extract", meta), ("extract", meta), ("knn", meta)] * 2  # dense, then gated
@@ -135,7 +135,7 @@ def test_final_knn_after_gpu_training_extracts_on_the_gpu(tiny_cfg, monkeypatch)
         devices.append(eval_features.module_device(backbone).type)
         return out
 
-    monkeypatch.setattr(eval_features, "extract_features", spy)
+    monkeypatch.setattr(driver, "extract_features", spy)  # where final_knn looks it up
     summary = pretrain(tiny_cfg("final_knn.enabled=true", "trainer.accelerator=gpu", "trainer.limit_train_batches=2"))
     assert devices == ["cuda"] * 4 and 0 <= summary["knn"]["gated"] <= 100
 

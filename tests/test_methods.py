@@ -13,9 +13,9 @@ from torch import Tensor, nn
 
 from vdg.losses import barlow_twins_loss
 from vdg.methods import METHODS, VDG, BTDual, VDG2x, VICRegGating, build_method
+from vdg.methods.checkpoint import load_method, require_branch
 from vdg.models import BackboneOutput, Branch, BranchNorm, GatedResNet
 from vdg.models.flops import network_cost
-from vdg.run.checkpoint import load_method, require_branch
 
 from .conftest import TINY, compose_config
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from vdg.run.checkpoint import load_method
+from vdg.methods.checkpoint import load_method
 from vdg.run.driver import pretrain
 
 

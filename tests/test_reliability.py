@@ -24,10 +24,10 @@ import pytest
 import torch
 
 from vdg.core.errors import CheckpointError, NonFiniteLossError, RunDirError
+from vdg.core.rundir import LOCK_NAME, RunDirLock
+from vdg.methods.checkpoint import load_method, read_checkpoint
 from vdg.methods.vdg import VDG
-from vdg.run.checkpoint import load_method, read_checkpoint
 from vdg.run.driver import pretrain
-from vdg.run.rundir import LOCK_NAME, RunDirLock
 
 from .conftest import TINY, compose_config
 
@@ -511,7 +511,7 @@ def test_exports_and_results_follow_the_umask(finished_run, tmp_path, umask, mod
 
 
 def test_orphan_temp_files_of_dead_writers_only_are_removed(tmp_path):
-    from vdg.run.checkpoint_io import remove_orphans
+    from vdg.core.atomic import remove_orphans
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = socket.gethostname()

@@ -14,6 +14,7 @@ __all__ = ["__version__", "load_backbone"]
 
 def __getattr__(name: str) -> Any:
     if name == "load_backbone":
+        # heavy: the deploy layer imports torch; `import vdg` (and the scripts' sweep dry runs) stay free of it
         from vdg.deploy.export import load_backbone
 
         return load_backbone

@@ -1,6 +1,6 @@
 """Every error vdg raises for the user's input or environment, under one base, `VdgError`.
 
-Scripts print a `VdgError` as one `error: <message>` line and exit with status 2 (`vdg.run.cli`); anything else
+Scripts print a `VdgError` as one `error: <message>` line and exit with status 2 (`vdg.core.cli`); anything else
 is a bug in vdg and keeps its traceback. Each class also derives from the built-in exception a caller would
 expect (a missing data folder is a FileNotFoundError, a full disk an OSError), so `except OSError` still works.
 Plumbing only: imports nothing from vdg. The modules that raise these re-export them where they were defined

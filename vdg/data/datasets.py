@@ -18,10 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import CIFAR10, CIFAR100, STL10
 
+from vdg.core.atomic import atomic_write, remove_orphans
 from vdg.core.errors import ConfigError, DataNotFoundError, DatasetError, ImageReadError
+from vdg.data.transforms import decode_transform
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet100", "folder", "digits", "synthetic")
 # The roles a caller asks `build_dataset` for; which split on disk each role is depends on the dataset.
@@ -86,6 +90,7 @@ def load_digits(split: str, image_size: int = 32) -> TensorImageDataset:
 
     The embedded default dataset: it ships with scikit-learn, so the quickstart needs no download.
     """
+    # optional heavy dependency: scikit-learn (seconds to import), for the digits dataset only
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -127,8 +132,6 @@ def make_synthetic(
 
 def load_cifar(name: str, root: str | Path, split: str, download: bool) -> TensorImageDataset:
     """CIFAR-10/100 in torchvision's format under `root` (downloaded there when `download` and the network allow)."""
-    from torchvision.datasets import CIFAR10, CIFAR100
-
     _check_split(split)
     cls = CIFAR10 if name == "cifar10" else CIFAR100
     folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
@@ -175,8 +178,6 @@ def load_stl10(root: str | Path, split: str, download: bool) -> TensorImageDatas
     needed = [folder / f for part in parts for f in STL10_FILES[part] if f is not None]
     failure = ""
     if not all(p.is_file() for p in needed) and download:
-        from torchvision.datasets import STL10
-
         try:
             STL10(str(root), split="test", download=True)  # fetches and md5-checks the whole archive once
         except Exception as err:  # URLError/OSError without network, RuntimeError on a corrupt archive
@@ -214,8 +215,6 @@ def to_rgb(image: Any, path: str | Path) -> Any:
     scaled by 255/65535 (Pillow's convert("RGB") would clip 94% of a typical image to white); palette, grey,
     CMYK, YCbCr, LAB, HSV and alpha modes go through Pillow's conversion (alpha dropped, as torchvision).
     32-bit integer (I) and floating-point (F) pixels have no fixed range: refused by name."""
-    from PIL import Image
-
     mode = image.mode
     if mode in SIXTEEN_BIT_MODES or (mode == "I" and _is_sixteen_bit(image)):
         samples = np.asarray(image).astype(np.float32)
@@ -338,8 +337,6 @@ class ImageFolderDataset(Dataset):
 
     def load(self, index: int):  # noqa: ANN201 - PIL.Image
         """The image as 8-bit RGB (`to_rgb`); an unreadable file is an `ImageReadError` naming it."""
-        from PIL import Image, UnidentifiedImageError
-
         path = self.samples[index][0]
         try:
             with Image.open(path) as img:
@@ -414,8 +411,6 @@ def decode_cache_path(dataset: ImageFolderDataset, image_size: int, cache_dir: s
 
 class _Decoded(Dataset):
     def __init__(self, dataset: ImageFolderDataset, image_size: int) -> None:
-        from vdg.data.transforms import decode_transform
-
         self.dataset, self.size, self.transform = dataset, image_size, decode_transform(image_size)
 
     def __len__(self) -> int:
@@ -453,8 +448,6 @@ def decode_folder(
         images[start : start + len(batch)] = batch
         start += len(batch)
     blob = {"fingerprint": fingerprint, "images": images, "labels": dataset.labels, "classes": dataset.classes}
-    from vdg.run.checkpoint_io import atomic_write, remove_orphans
-
     try:
         remove_orphans(cache.parent)  # temp files of killed writers (live writers' are kept)
         atomic_write(cache, lambda tmp: torch.save(blob, tmp))  # a concurrent reader sees the old or the new file

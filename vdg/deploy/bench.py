@@ -16,16 +16,24 @@ from statistics import median
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from vdg.core.atomic import atomic_write_text
 from vdg.core.errors import ConfigError
 from vdg.core.machine import aten_isa, cpu_model, onednn_isa
+from vdg.core.options import check_choice, check_int, check_known_keys, check_number, check_str
+from vdg.core.paths import config_file
+from vdg.core.rundir import check_writable
+from vdg.data.datasets import SPLITS
+from vdg.data.module import eval_loader
 from vdg.deploy import native
 from vdg.deploy.native import NativeKernelError
-from vdg.deploy.slim import profile_from_masks, slim_resnet, slim_widths
+from vdg.deploy.slim import ChannelProfile, gated_checkpoint, profile_from_masks, slim_resnet, slim_widths
 from vdg.deploy.sparse import KERNELS, BlockPath, FoldedResNet, interleaved_times
 from vdg.models import Branch, GatedResNet, network_cost
 from vdg.models.encoder import branch_encoder
+from vdg.models.resnet import STEMS
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +169,6 @@ def checkpoint_setup(
     A method without a dense branch (vicreg_gating) is timed against a dense network of the same architecture
     with random weights: its speed does not depend on the values.
     """
-    from vdg.data.module import eval_loader
-    from vdg.deploy.slim import gated_checkpoint
-
     model, cfg = gated_checkpoint(ckpt, dict(data or {}))
     images = []
     for batch, _ in eval_loader(cfg, split, batch_size=min(num_images, 512), num_workers=0):
@@ -249,6 +254,20 @@ def measure(
         torch.set_num_threads(previous_threads)  # the caller's process-wide setting, as it was
 
 
+@dataclass
+class _Engines:
+    """Everything one measurement times: the networks, their executions, and what the gated one computes."""
+
+    inputs: list[Tensor]  # the batches, on the device
+    reference: list[Any]  # the gated module's outputs (features, masks) per batch: the ground truth
+    masks: list[Tensor]  # per block, the masks [N, C_b] of every image
+    widths: list[int]  # the slim network's per-block widths
+    sparse: FoldedResNet
+    paths: list[str]  # the sparse execution's block paths at this batch size
+    calls: dict[str, Callable[[Tensor], Any]]  # execution name -> one batch through it
+    left_out: list[str]  # *_native executions without a compiled kernel
+
+
 def _measure(
     setup: BenchSetup,
     batch_size: int,
@@ -261,13 +280,78 @@ def _measure(
     kernel: str,
 ) -> dict[str, Any]:
     dev = torch.device(device)
-    gated, dense = setup.gated.to(dev).eval(), setup.dense.to(dev).eval()
+    engines = _build_engines(setup, batch_size, dev, plan, executions, kernel)
+    max_abs, scale = _sparse_error(engines)
+    unknown = sorted(set(executions) - set(engines.calls) - set(engines.left_out))
+    if unknown or "dense" not in executions:
+        raise ConfigError(f"executions must include 'dense' and come from {list(engines.calls)}; unknown: {unknown}")
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    per_batch = _time_executions(engines, executions, rounds, warmup, dev)
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    best = _best_engines(per_batch)
+
+    def ratio(num: str, den: str) -> float | None:
+        if num not in per_batch or den not in per_batch:
+            return None
+        return median(a / b for a, b in zip(per_batch[num], per_batch[den], strict=True))
+
+    gated, sparse = setup.gated, engines.sparse
     image_size = setup.images.shape[-1]
+    cost = network_cost(gated, image_size)
+    active = torch.stack([m.sum(dim=1) for m in engines.masks], dim=1)
+    result: dict[str, Any] = {f"{name}_ms": 1e3 * median(ts) for name, ts in per_batch.items()}
+    result.update(
+        {
+            "flops_ratio": cost.flops_ratio(active).item(),
+            "latency_ratio": ratio("sparse", "dense"),
+            "slim_ratio": ratio("slim", "dense"),
+            "masked_ratio": ratio("masked", "dense"),
+            "sparse_vs_masked": ratio("sparse", "masked"),
+            "latency_ratio_eager": ratio("sparse", "dense_eager"),
+            "slim_ratio_eager": ratio("slim_eager", "dense_eager"),
+            "max_abs_diff": max_abs,
+            "max_rel_diff": max_abs / scale if scale > 0 else max_abs,
+            "batch_size": batch_size,
+            "threads": threads,
+            "device": device_name(dev),
+            "masks": setup.masks,
+            "width": gated.width,
+            "stem": gated.stem_kind,
+            "image_size": image_size,
+            "images": len(setup.images),
+            "rounds": rounds,
+            "plan": engines.paths,
+            "plan_choice": plan,
+            "kernel": sparse.kernel,
+            "executions_left_out": engines.left_out,  # *_native without a compiled kernel (kernel auto or torch)
+            "kernel_isa": sparse.kernel_isa,  # the compiled kernel's variant (vdg.deploy.native.ISAS), None: torch
+            "cpu": cpu_model(),
+            "cpu_isa": native.cpu_isa() if native.available() else None,  # the widest kernel variant the CPU runs
+            "onednn_isa": onednn_isa() if dev.type == "cpu" else None,  # the widest oneDNN used (ONEDNN_MAX_CPU_ISA)
+            "aten_isa": aten_isa(),  # ATen's vector kernels (ATEN_CPU_CAPABILITY)
+            "engines": best,
+            "density_per_block": cost.channel_density(active).tolist(),
+            "slim_widths": engines.widths,
+            "distinct_mask_fraction": distinct_mask_fraction(engines.masks),
+            "load_avg": [None if load is None else round(load[0], 2) for load in (load_before, load_after)],
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            **{f"setup_{k}": v for k, v in setup.notes.items()},
+        }
+    )
+    return result
+
+
+def _build_engines(
+    setup: BenchSetup, batch_size: int, dev: torch.device, plan: str, executions: Sequence[str], kernel: str
+) -> _Engines:
+    """The gated network's reference outputs and masks, the slim network they shape, and every execution: oneDNN
+    engines (folded), the compiled kernel's (`*_native`, left out without a compiler unless kernel=native), the
+    sparse execution with its `plan`, and the eager modules."""
+    gated, dense = setup.gated.to(dev).eval(), setup.dense.to(dev).eval()
     with torch.no_grad():
         reference = [gated(b.to(dev), Branch.GATED) for b in batches(setup.images, batch_size)]
     masks = [torch.cat(block) for block in zip(*(r.masks for r in reference), strict=True)]
-    cost = network_cost(gated, image_size)
-    active = torch.stack([m.sum(dim=1) for m in masks], dim=1)
     profile = profile_from_masks(masks, gated.arch_config())
     widths = slim_widths(profile)
     slim = slim_resnet(widths, gated.width, gated.stem_kind).eval().to(dev)
@@ -299,14 +383,7 @@ def _measure(
         sparse.tune(inputs[0])
     elif plan != "default":
         sparse.set_plan(batch_size, [plan] * len(gated.blocks))
-    paths = [p.value for p in sparse.paths(batch_size, image_size)]
-
-    with torch.inference_mode():
-        outputs = torch.cat([sparse(b) for b in inputs])
-    expected = torch.cat([r.features for r in reference])
-    max_abs = (outputs - expected).abs().max().item()
-    scale = expected.abs().max().item()
-
+    paths = [p.value for p in sparse.paths(batch_size, setup.images.shape[-1])]
     calls: dict[str, Callable[[Tensor], Any]] = {
         "dense": folded_dense,
         "masked": lambda x: folded_masked.encode(x, masked_plan),
@@ -317,9 +394,22 @@ def _measure(
         "masked_eager": lambda x: gated(x, Branch.GATED),
         "slim_eager": lambda x: slim(x, Branch.DENSE),
     }
-    unknown = sorted(set(executions) - set(calls) - set(left_out))
-    if unknown or "dense" not in executions:
-        raise ConfigError(f"executions must include 'dense' and come from {list(calls)}; unknown: {unknown}")
+    return _Engines(inputs, reference, masks, widths, sparse, paths, calls, left_out)
+
+
+def _sparse_error(engines: _Engines) -> tuple[float, float]:
+    """(max |sparse - gated module| over every feature, max |gated module feature|): sparse execution's error."""
+    with torch.inference_mode():
+        outputs = torch.cat([engines.sparse(b) for b in engines.inputs])
+    expected = torch.cat([r.features for r in engines.reference])
+    return (outputs - expected).abs().max().item(), expected.abs().max().item()
+
+
+def _time_executions(
+    engines: _Engines, executions: Sequence[str], rounds: int, warmup: int, dev: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per batch of each execution, one value per round (the executions take turns, rotating)."""
+    inputs = engines.inputs
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def over_batches(call: Callable[[Tensor], Any]) -> Callable[[], None]:
@@ -330,18 +420,21 @@ def _measure(
 
         return run
 
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     with torch.inference_mode():
         times = interleaved_times(
-            {name: over_batches(calls[name]) for name in executions if name not in left_out},
+            {name: over_batches(engines.calls[name]) for name in executions if name not in engines.left_out},
             rounds,
             warmup=warmup,
             rotate=True,
         )
-    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
-    per_batch = {name: [t / len(inputs) for t in ts] for name, ts in times.items()}
+    return {name: [t / len(inputs) for t in ts] for name, ts in times.items()}
+
+
+def _best_engines(per_batch: dict[str, list[float]]) -> dict[str, str]:
+    """A network's latency is the faster of its executions, round by round: `dense`/`slim` become that per-round
+    best (their oneDNN times move to `*_onednn`); returns which engine was faster on the median."""
     engines: dict[str, str] = {}
-    for network in ("dense", "slim"):  # a network's latency: the faster of its executions, round by round
+    for network in ("dense", "slim"):
         if network not in per_batch:
             continue
         per_batch[f"{network}_onednn"] = onednn = per_batch.pop(network)
@@ -352,53 +445,7 @@ def _measure(
             per_batch[network] = onednn
         faster = native_times is not None and median(native_times) < median(onednn)
         engines[network] = "native" if faster else "onednn"
-
-    def ratio(num: str, den: str) -> float | None:
-        if num not in per_batch or den not in per_batch:
-            return None
-        return median(a / b for a, b in zip(per_batch[num], per_batch[den], strict=True))
-
-    result: dict[str, Any] = {f"{name}_ms": 1e3 * median(ts) for name, ts in per_batch.items()}
-    result.update(
-        {
-            "flops_ratio": cost.flops_ratio(active).item(),
-            "latency_ratio": ratio("sparse", "dense"),
-            "slim_ratio": ratio("slim", "dense"),
-            "masked_ratio": ratio("masked", "dense"),
-            "sparse_vs_masked": ratio("sparse", "masked"),
-            "latency_ratio_eager": ratio("sparse", "dense_eager"),
-            "slim_ratio_eager": ratio("slim_eager", "dense_eager"),
-            "max_abs_diff": max_abs,
-            "max_rel_diff": max_abs / scale if scale > 0 else max_abs,
-            "batch_size": batch_size,
-            "threads": threads,
-            "device": device_name(dev),
-            "masks": setup.masks,
-            "width": gated.width,
-            "stem": gated.stem_kind,
-            "image_size": image_size,
-            "images": len(setup.images),
-            "rounds": rounds,
-            "plan": paths,
-            "plan_choice": plan,
-            "kernel": sparse.kernel,
-            "executions_left_out": left_out,  # *_native without a compiled kernel (kernel auto or torch)
-            "kernel_isa": sparse.kernel_isa,  # the compiled kernel's variant (vdg.deploy.native.ISAS), None: torch
-            "cpu": cpu_model(),
-            "cpu_isa": native.cpu_isa() if native.available() else None,  # the widest kernel variant the CPU runs
-            "onednn_isa": onednn_isa() if dev.type == "cpu" else None,  # the widest oneDNN used (ONEDNN_MAX_CPU_ISA)
-            "aten_isa": aten_isa(),  # ATen's vector kernels (ATEN_CPU_CAPABILITY)
-            "engines": engines,
-            "density_per_block": cost.channel_density(active).tolist(),
-            "slim_widths": widths,
-            "distinct_mask_fraction": distinct_mask_fraction(masks),
-            "load_avg": [None if load is None else round(load[0], 2) for load in (load_before, load_after)],
-            "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(),
-            **{f"setup_{k}": v for k, v in setup.notes.items()},
-        }
-    )
-    return result
+    return engines
 
 
 RESULTS_HEADER = """# Inference latency (scripts/bench_inference.py)
@@ -444,10 +491,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def append_row(result: Mapping[str, Any], path: str | Path) -> Path:
     """Add `result` as one row of the markdown table at `path` (created with its header).
 
-    The file is replaced atomically (vdg.run.checkpoint_io), so a killed run never leaves half a row, and its
+    The file is replaced atomically (vdg.core.atomic), so a killed run never leaves half a row, and its
     mode follows the umask."""
-    from vdg.run.checkpoint_io import atomic_write_text
-
     path = Path(path)
     header = "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
     if path.exists():
@@ -497,14 +542,6 @@ def check_bench_config(cfg: Any) -> None:
     """Every option of configs/bench_inference.yaml, before any network is built or checkpoint read: an unknown
     key, a wrong type or value is one `ConfigError` line naming the key and the allowed values (as vdg.run.config
     does for pretraining)."""
-    from omegaconf import OmegaConf
-
-    from vdg.core.errors import ConfigError
-    from vdg.core.options import check_choice, check_int, check_known_keys, check_number, check_str
-    from vdg.core.paths import config_file
-    from vdg.data.datasets import SPLITS
-    from vdg.models.resnet import STEMS
-
     defaults = OmegaConf.load(config_file("bench_inference.yaml"))
     check_known_keys("", cfg, [k for k in defaults if k != "defaults"])
     for section in ("data", "model", "calibration"):
@@ -562,8 +599,6 @@ def check_bench_config(cfg: Any) -> None:
 
 
 def _plain(value: Any) -> Any:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
@@ -571,8 +606,6 @@ def run_benchmark(cfg: Any) -> dict[str, Any]:
     """scripts/bench_inference.py: the setup its config asks for (checkpoint or calibrated), then `measure`."""
     check_bench_config(cfg)
     if cfg.results:
-        from vdg.run.rundir import check_writable
-
         check_writable(Path(cfg.results).parent, "results")  # before minutes of timing, not after
     executions = list(cfg.executions)
     if cfg.ckpt is not None:
@@ -595,11 +628,6 @@ def run_benchmark(cfg: Any) -> dict[str, Any]:
 
 def calibrated_setup_from_config(cfg: Any) -> BenchSetup:
     """`calibrated_setup` from the `model:` and `calibration:` blocks of configs/bench_inference.yaml."""
-    from omegaconf import OmegaConf
-
-    from vdg.core.errors import ConfigError
-    from vdg.deploy.slim import ChannelProfile
-
     model, calibration = cfg.model, cfg.calibration
     if calibration.profile is not None:
         profile = ChannelProfile.load(calibration.profile)

@@ -16,9 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from vdg.core.errors import CheckpointError, ConfigError
+from vdg.data.module import eval_loader
+from vdg.eval.features import extract_features
+from vdg.methods.checkpoint import load_method, require_branch
 from vdg.models import Branch, GatedResNet
 from vdg.models.encoder import branch_encoder
 
@@ -105,8 +109,6 @@ def gated_encoder(backbone: nn.Module) -> GatedResNet:
 @torch.no_grad()
 def channel_profile(backbone: nn.Module, loader: Iterable, device: torch.device | str | None = None) -> ChannelProfile:
     """Run the gated branch in eval mode over `loader` (batches of (images, labels)) and count active channels."""
-    from vdg.eval.features import extract_features
-
     features = extract_features(backbone, loader, Branch.GATED, device, keep_masks=True)
     return profile_from_masks(features.masks, gated_encoder(backbone).arch_config())
 
@@ -151,21 +153,29 @@ def checkpoint_profile(
     data: keys of the checkpoint's `data:` block to override on this machine (e.g. {"root": "/data"}).
     The train split is the default: a student shaped on the test split would have seen it.
     """
-    from vdg.data.module import eval_loader
+    return method_profile(load_method(ckpt), split, data, batch_size, device)
 
-    model, cfg = gated_checkpoint(ckpt, data)
+
+def method_profile(
+    model: Any,
+    split: str = "train",
+    data: dict[str, Any] | None = None,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+) -> ChannelProfile:
+    """`checkpoint_profile` of a pretraining module already loaded (`vdg.methods.checkpoint.load_method`)."""
+    model, cfg = gated_method(model, data)
     return channel_profile(model.backbone, eval_loader(cfg, split, batch_size), device)
 
 
 def gated_checkpoint(ckpt: str | Path, data: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """(the pretraining module of `ckpt`, refused unless it serves a gated network; its config with the non-null
     `data` keys overridden for this machine, e.g. {"root": "/data"})."""
-    from omegaconf import OmegaConf
+    return gated_method(load_method(ckpt), data)
 
-    from vdg.eval.protocols import load_checkpoint
-    from vdg.run.checkpoint import require_branch
 
-    model = load_checkpoint(ckpt)
+def gated_method(model: Any, data: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """`gated_checkpoint` of a pretraining module already loaded."""
     require_branch(model, Branch.GATED)
     cfg = model.cfg.copy()
     OmegaConf.set_struct(cfg, False)

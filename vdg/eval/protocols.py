@@ -15,8 +15,10 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from vdg.core.errors import CheckpointError, ConfigError
+from vdg.core.errors import ConfigError, Interrupted
+from vdg.core.options import check_bool, check_data_overrides, check_int, check_known_keys, check_number, check_str
 from vdg.core.paths import CONFIG_DIR, config_file
+from vdg.core.rundir import check_writable
 from vdg.data.datasets import build_dataset
 from vdg.data.module import eval_loader
 from vdg.eval.features import Features, channels_last, eval_mode, extract_branches, extract_features, gate_report
@@ -33,8 +35,9 @@ from vdg.eval.views import (
     batched_views_of,
     choose_backend,
 )
+from vdg.methods import METHODS
+from vdg.methods.checkpoint import load_method, require_branch
 from vdg.models import Branch, GatedResNet, network_cost
-from vdg.run.checkpoint import load_method, require_branch
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +106,6 @@ def check_eval_config(cfg: DictConfig, need_checkpoint: bool = True) -> None:
     Types are strict (epochs=2.5 or runs=true are refused, never truncated); need_checkpoint=False checks an
     evaluation chained after pretraining, whose checkpoint does not exist yet.
     """
-    from vdg.core.options import check_bool, check_data_overrides, check_int, check_known_keys, check_number, check_str
-    from vdg.methods import METHODS
-
     if need_checkpoint and (OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt):
         raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to evaluate")
     protocol = _choice(cfg, "protocol", PROTOCOLS)
@@ -161,8 +161,6 @@ def _plain(value: Any) -> Any:
 def check_eval_data(cfg: DictConfig, pretrain_cfg: DictConfig) -> None:
     """The evaluated splits exist (downloaded now if allowed), their class lists agree, k fits the bank, and
     the results folder can be written: all before any feature is extracted or any probe trained."""
-    from vdg.run.rundir import check_writable
-
     target = str(cfg.target) if cfg.protocol == "transfer" else None
     dataset = eval_dataset(pretrain_cfg, target, str(cfg.image_stats))
     data = data_config(pretrain_cfg, cfg)
@@ -192,18 +190,6 @@ def linear_protocol(cfg: DictConfig, seed: int) -> LinearProtocol:
         )
     except ValueError as err:
         raise ConfigError(str(err)) from err
-
-
-def load_checkpoint(ckpt: str | Path, method: str | None = None):  # noqa: ANN201 - BaseMethod
-    """`vdg.run.checkpoint.load_method`, with weights of the wrong shape reported as a CheckpointError too."""
-    try:
-        return load_method(ckpt, method)
-    except RuntimeError as err:  # load_state_dict: size mismatch (e.g. another backbone width)
-        first = str(err).strip().splitlines()
-        detail = "; ".join(line.strip() for line in first[1:3]) or first[0]
-        raise CheckpointError(
-            f"{ckpt} does not fit the architecture its own config describes (edited or foreign weights): {detail}"
-        ) from err
 
 
 def select_branches(model: Any, choice: str) -> list[Branch]:
@@ -290,7 +276,7 @@ class Evaluation:
     def __init__(self, cfg: DictConfig) -> None:
         check_eval_config(cfg)
         self.cfg = cfg
-        self.model = load_checkpoint(cfg.ckpt, cfg.get("expected_method"))
+        self.model = load_method(cfg.ckpt, cfg.get("expected_method"))
         self.branches = select_branches(self.model, cfg.branch)
         self.pretrain_cfg = self.model.cfg
         target = str(cfg.target) if cfg.protocol == "transfer" else None
@@ -599,8 +585,6 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
     The caller's CPU RNG is left as it was (building the model and iterating data loaders draw from it); the
     GPU RNGs are never drawn from (the views have their own generators).
     """
-    from vdg.core.errors import Interrupted
-
     try:
         with torch.random.fork_rng(devices=[]):
             evaluation = Evaluation(cfg)

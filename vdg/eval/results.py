@@ -42,6 +42,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vdg.core.atomic import atomic_write_text, remove_orphans
+
 # Keys that say where things are on one machine, not what was computed: left out of `config_hash`, so the
 # same checkpoint evaluated the same way hashes the same on any machine.
 LOCATION_KEYS = (
@@ -168,11 +170,9 @@ def results_dir(ckpt: str | Path, override: str | Path | None = None) -> Path:
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
-    """Write `obj` as indented JSON atomically (`vdg.run.checkpoint_io.atomic_write`): a reader, or a crash, sees
+    """Write `obj` as indented JSON atomically (`vdg.core.atomic.atomic_write`): a reader, or a crash, sees
     the old file or the new one, never half of one. The file's mode follows the umask; temp files of killed
     writers in the folder are removed; a full disk or a read-only folder is a one-line StorageError."""
-    from vdg.run.checkpoint_io import atomic_write_text, remove_orphans
-
     path = Path(path)
     remove_orphans(path.parent)
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

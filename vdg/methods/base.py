@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from vdg.core.errors import ConfigError
+from vdg.core.errors import CheckpointError, ConfigError
 from vdg.losses import bound_annealing, bound_channel_counts, bound_loss, budget_loss, rankme
 from vdg.models import BackboneOutput, Branch, GatedResNet, network_cost
 from vdg.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, lars_param_groups, warmup_cosine
@@ -191,8 +191,6 @@ class BaseMethod(pl.LightningModule):
         saved = {k for k in checkpoint.get("state_dict", {}) if k.startswith("probes.")}
         expected = {f"probes.{k}" for k in self.probes.state_dict()}
         if saved and saved != expected:
-            from vdg.core.errors import CheckpointError  # the run layer imports methods, not the reverse
-
             batchnorm = any(".running_mean" in k for k in saved)
             raise CheckpointError(
                 f"the checkpoint's online probes ({'with' if batchnorm else 'without'} BatchNorm) do not match "

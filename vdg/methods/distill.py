@@ -2,7 +2,7 @@
 
 A `DistillMethod` is a trainable student, `BaseMethod`'s backbone (a dense ResNet-18, slim when
 backbone.block_widths or student.channels_from shape it) with the method's heads, plus a frozen `Teacher`
-(`vdg.models.teachers`). It loads, resolves and guards the teacher; the objective is the subclass's `ssl_step`.
+(`vdg.methods.teachers`). It loads, resolves and guards the teacher; the objective is the subclass's `ssl_step`.
 
 The teacher is deliberately *not* a submodule: its weights never reach the optimiser, DDP or the student's
 checkpoints (a MoCo ResNet-50 would double every checkpoint), and Lightning's `.train()` on the module cannot
@@ -19,10 +19,10 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from vdg.core.errors import TeacherError
+from vdg.core.errors import CheckpointError, TeacherError
 from vdg.methods.base import BaseMethod
+from vdg.methods.teachers import TEACHER_OUTPUTS, Teacher, load_teacher
 from vdg.models import Branch
-from vdg.models.teachers import TEACHER_OUTPUTS, Teacher, load_teacher
 
 CHECKPOINT_KEY = "vdg_teacher"  # the teacher record in a student's checkpoint
 
@@ -155,8 +155,6 @@ class DistillMethod(BaseMethod):
         checkpoint[CHECKPOINT_KEY] = self.teacher_record()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from vdg.core.errors import CheckpointError
-
         recorded = checkpoint.get(CHECKPOINT_KEY) or {}
         current = self.cfg.teacher.get("sha256")
         if recorded.get("sha256") and current and recorded["sha256"] != current:

@@ -13,7 +13,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vdg.core.errors import ConfigError
+from vdg.core.options import check_bool, check_choice, check_int, check_str
+from vdg.core.rundir import check_writable
+from vdg.data.module import eval_loader
+from vdg.deploy.bench import checkpoint_setup, measure
+from vdg.eval.features import channel_usage, extract_features, gate_report
+from vdg.eval.protocols import check_device, data_config, resolve_device
+from vdg.eval.results import base_record, results_dir, write_json
+from vdg.methods.checkpoint import load_method, require_branch
 from vdg.models import Branch, GatedResNet, NetworkCost, network_cost
+from vdg.report.plots import plot_channel_usage
 
 
 def block_labels(cost: NetworkCost) -> list[str]:
@@ -29,8 +39,6 @@ def block_labels(cost: NetworkCost) -> list[str]:
 
 def block_usage(cost: NetworkCost, active_channels: Any, masks: Any) -> list[dict[str, Any]]:
     """Per block: label, channels, mean active channels, density, always off / always on / data-dependent."""
-    from vdg.eval.features import channel_usage
-
     mean_active = active_channels.float().mean(dim=0).tolist()
     rows = []
     for label, block, usage, active in zip(
@@ -42,10 +50,6 @@ def block_usage(cost: NetworkCost, active_channels: Any, masks: Any) -> list[dic
 
 def check_flops_config(cfg: DictConfig) -> None:
     """The options, and with report=true the results folder's permissions, before any model is built."""
-    from vdg.core.options import check_bool, check_choice, check_int, check_str
-    from vdg.eval.protocols import check_device
-    from vdg.run.rundir import check_writable
-
     check_bool("report", cfg.get("report", False))
     if check_bool("latency", cfg.get("latency", False)):
         bench = cfg.get("bench") or {}
@@ -60,16 +64,12 @@ def check_flops_config(cfg: DictConfig) -> None:
     if cfg.get("ckpt") is not None:
         check_str("ckpt", cfg.ckpt)
         if cfg.get("report", False):
-            from vdg.eval.results import results_dir
-
             check_writable(results_dir(cfg.ckpt, cfg.get("results_dir")), "results_dir")
 
 
 def flops_summary(cfg: DictConfig) -> dict[str, Any]:
     check_flops_config(cfg)
     if cfg.get("latency", False) and cfg.get("ckpt") is None:
-        from vdg.core.errors import ConfigError
-
         raise ConfigError("latency=true needs ckpt=PATH: it times the checkpoint's gated network on its own masks")
     if cfg.get("ckpt") is None:
         backbone = GatedResNet(width=int(cfg.backbone.width), stem=cfg.dataset.stem)
@@ -83,13 +83,8 @@ def flops_summary(cfg: DictConfig) -> dict[str, Any]:
             "gate_macs": cost.gate_macs,
             "blocks_full_macs": [b.full for b in cost.blocks],
         }
-    from vdg.data.module import eval_loader
-    from vdg.eval.features import extract_features, gate_report
-    from vdg.eval.protocols import data_config, load_checkpoint, resolve_device
-    from vdg.run.checkpoint import require_branch
-
     report = bool(cfg.get("report", False))
-    model = load_checkpoint(cfg.ckpt)
+    model = load_method(cfg.ckpt)
     require_branch(model, Branch.GATED)
     run_cfg = model.cfg.copy()
     OmegaConf.set_struct(run_cfg, False)
@@ -120,8 +115,6 @@ def flops_summary(cfg: DictConfig) -> dict[str, Any]:
 
 def latency_summary(cfg: DictConfig) -> dict[str, Any]:
     """`latency_ratio` (sparse / dense execution) and the timings behind it, on the checkpoint's test images."""
-    from vdg.deploy.bench import checkpoint_setup, measure
-
     bench = cfg.bench
     data = {key: value for key, value in cfg.data.items() if value is not None and key != "batch_size"}
     setup = checkpoint_setup(cfg.ckpt, data, int(bench.images), "test")
@@ -142,9 +135,6 @@ def latency_summary(cfg: DictConfig) -> dict[str, Any]:
 
 def write_report(cfg: DictConfig, model: Any, summary: dict[str, Any], num_test: int) -> dict[str, str]:
     """flops_report.json (a "flops" record, see `vdg.eval.results`) and channel_usage.png; their paths."""
-    from vdg.eval.results import base_record, results_dir, write_json
-    from vdg.report.plots import plot_channel_usage
-
     out = results_dir(cfg.ckpt, cfg.get("results_dir"))
     record = base_record("flops", model.cfg, summary["dataset"], "gated", cfg.ckpt, cfg)
     record.update(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -125,8 +126,6 @@ def paper_points(panel: str, dataset: str, models: Iterable[str]) -> list[Pareto
 
 
 def _colour(index: int) -> Any:
-    from matplotlib import colormaps
-
     return colormaps["tab10"](index % 10)
 
 

@@ -17,19 +17,22 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from vdg.core.errors import ConfigError
+from vdg.core.options import check_int, check_known_keys, check_str
 from vdg.core.paths import config_file
+from vdg.core.rundir import check_writable
 from vdg.data.module import eval_loader
 from vdg.eval.features import extract_features
 from vdg.eval.protocols import (
     BRANCH_CHOICES,
     IMAGE_STATS,
+    check_device,
     data_config,
     eval_dataset,
-    load_checkpoint,
     resolve_device,
     select_branches,
 )
 from vdg.eval.results import results_dir
+from vdg.methods.checkpoint import load_method
 from vdg.report.plots import plot_embeddings
 
 
@@ -54,7 +57,7 @@ def umap_embedding(features: Tensor, n_neighbors: int = 50, random_state: int = 
     The k-NN graph is computed exactly here and handed to umap-learn (`precomputed_knn`): the same neighbours
     umap finds itself below 4,096 samples (above, it approximates), without compiling its numba search.
     """
-    import umap  # imported here: numba compiles on first use, which takes seconds
+    import umap  # optional heavy dependency: umap-learn (numba compiles on first use, which takes seconds)
 
     n = features.shape[0]
     if n < 3:
@@ -81,10 +84,6 @@ def spread_subset(n: int, size: int | None) -> list[int]:
 
 def check_umap_config(cfg: DictConfig) -> None:
     """Every option, the output folder's permissions included, before the checkpoint is even read."""
-    from vdg.core.options import check_int, check_known_keys, check_str
-    from vdg.eval.protocols import check_device
-    from vdg.run.rundir import check_writable
-
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         raise ConfigError("ckpt=PATH is required: the pretraining checkpoint to plot")
     check_known_keys("", cfg, [k for k in OmegaConf.load(config_file("umap.yaml")) if k != "defaults"])
@@ -108,7 +107,7 @@ def check_umap_config(cfg: DictConfig) -> None:
 def umap_plot(cfg: DictConfig) -> dict[str, Any]:
     """Embed the test split of the checkpoint's pretraining dataset per branch and write one PNG."""
     check_umap_config(cfg)
-    model = load_checkpoint(cfg.ckpt, cfg.get("expected_method"))
+    model = load_method(cfg.ckpt, cfg.get("expected_method"))
     branches = select_branches(model, cfg.branch)
     dataset = eval_dataset(model.cfg, None, str(cfg.image_stats))
     data = data_config(model.cfg, cfg)

@@ -7,11 +7,15 @@ and seed=true are refused, never truncated), booleans must be booleans, numbers 
 
 from __future__ import annotations
 
+import inspect
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from pytorch_lightning.strategies import StrategyRegistry
 
 from vdg.core.errors import ConfigError
 from vdg.core.options import (
@@ -28,11 +32,22 @@ from vdg.core.options import (
     is_number,
 )
 from vdg.core.paths import config_file
-from vdg.data.datasets import DATASETS
+from vdg.data.datasets import DATASETS, disk_split
 from vdg.data.gpu_module import BACKENDS
+from vdg.data.module import view_recipes
+from vdg.eval.api import eval_config
+from vdg.eval.knn import DISTANCES
+from vdg.eval.protocols import check_eval_config
 from vdg.eval.reference import check_seeds
+from vdg.losses.gating import BOUND_GRADIENTS, BOUND_TARGETS
+from vdg.losses.vicreg import VARIANCE_REDUCTIONS
+from vdg.methods import METHODS, DistillMethod
+from vdg.methods.base import sync_batchnorm_scope
+from vdg.methods.teachers import TEACHER_FORMATS
 from vdg.models.resnet import BN_SPLITS, STEMS
 from vdg.optim import INTERVALS, OPTIMIZERS, SCHEDULERS
+from vdg.run.logging import LOGGERS
+from vdg.run.progress import PROGRESS_MODES
 
 RESUME_MODES = ("auto", "never", "extend")
 MAX_SEED = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything enforces (by picking another seed)
@@ -68,10 +83,6 @@ def _section_keys() -> dict[str, frozenset[str]]:
 
 @cache
 def trainer_arguments() -> frozenset[str]:
-    import inspect
-
-    import pytorch_lightning as pl
-
     return frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
 
 
@@ -97,8 +108,6 @@ def check_config_keys(cfg: DictConfig) -> None:
 
 # ------------------------------------------------------------------------------------------- sections
 def check_trainer(t: DictConfig) -> None:
-    import torch
-
     accelerator = check_choice("trainer.accelerator", t.get("accelerator", "auto"), ACCELERATORS)
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
@@ -117,8 +126,6 @@ def check_trainer(t: DictConfig) -> None:
     if on_gpu and is_int(devices) and devices > torch.cuda.device_count():
         raise ConfigError(f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} GPU(s)")
     check_int("trainer.num_nodes", t.get("num_nodes", 1), 1)
-    from pytorch_lightning.strategies import StrategyRegistry
-
     check_choice("trainer.strategy", t.get("strategy", "auto"), ["auto", *StrategyRegistry.available_strategies()])
     precision = t.get("precision", "auto")
     check_choice("trainer.precision", str(precision) if is_int(precision) else precision, PRECISIONS)
@@ -138,16 +145,12 @@ def check_trainer(t: DictConfig) -> None:
         else:
             check_number(f"trainer.{key}", value, 0, 1, low_open=key == "limit_train_batches",
                          note=" (a fraction of the batches) or an integer number of batches")
-    from vdg.run.progress import PROGRESS_MODES
-
     check_choice("trainer.progress", t.get("progress", "auto"), PROGRESS_MODES)
     for key in ("enable_progress_bar", "channels_last", "compile"):
         if key in t:
             check_bool(f"trainer.{key}", t[key])
     if t.get("benchmark") is not None:
         check_bool("trainer.benchmark", t.benchmark)
-    from vdg.methods.base import sync_batchnorm_scope
-
     try:
         sync_batchnorm_scope(t.get("sync_batchnorm"))
     except ValueError as err:
@@ -157,8 +160,6 @@ def check_trainer(t: DictConfig) -> None:
 
 
 def check_dataset(ds: DictConfig) -> None:
-    from vdg.data.module import view_recipes
-
     check_choice("dataset.name", ds.name, DATASETS)
     check_int("dataset.num_classes", ds.num_classes, 1)
     check_int("dataset.image_size", ds.image_size, 8)
@@ -189,8 +190,6 @@ def check_dataset(ds: DictConfig) -> None:
                 )
             check_int("dataset.subset_seed", ds.subset_seed, 0, 2**32 - 1)
     try:
-        from vdg.data.datasets import disk_split
-
         disk_split(ds, "pretrain")
         view_recipes(ds)
     except (ValueError, TypeError) as err:
@@ -198,9 +197,6 @@ def check_dataset(ds: DictConfig) -> None:
 
 
 def check_method(m: DictConfig) -> None:
-    from vdg.losses.vicreg import VARIANCE_REDUCTIONS
-    from vdg.methods import METHODS
-
     check_choice("method.name", m.name, sorted(METHODS))
     for key in ("projector_hidden_dim", "projector_output_dim"):
         if key in m:
@@ -258,8 +254,6 @@ def check_optimization(cfg: DictConfig) -> None:
 
 
 def check_gating(g: DictConfig) -> None:
-    from vdg.losses.gating import BOUND_GRADIENTS, BOUND_TARGETS
-
     for key in ("budget_weight", "bound_weight", "bound_alpha"):
         check_number(f"gating.{key}", g[key], 0)
     check_bool("gating.bound_loss", g.bound_loss)
@@ -296,13 +290,9 @@ def check_run(cfg: DictConfig) -> None:
     knn = cfg.final_knn
     check_bool("final_knn.enabled", knn.enabled)
     check_int("final_knn.k", knn.k, 1)
-    from vdg.eval.knn import DISTANCES
-
     check_choice("final_knn.distance", knn.distance, DISTANCES)
     check_seeds("final_knn.random_init_seeds", knn.get("random_init_seeds", []))
     if "logger" in cfg and cfg.logger is not None:
-        from vdg.run.logging import LOGGERS
-
         check_choice("logger.name", cfg.logger.get("name", "csv"), LOGGERS)
 
 
@@ -316,9 +306,6 @@ def check_evaluate(cfg: DictConfig) -> list[DictConfig]:
         return []
     _require(isinstance(specs, ListConfig | list),
              f"evaluate={_plain(specs)!r} must be a list, e.g. [{{protocol: linear}}, {{protocol: knn}}]")
-    from vdg.eval.api import eval_config
-    from vdg.eval.protocols import check_eval_config
-
     composed = []
     for i, spec in enumerate(specs):
         _require(isinstance(spec, DictConfig) and "protocol" in spec,
@@ -365,9 +352,6 @@ def validate_pretrain_config(cfg: Any) -> list[DictConfig]:
 
 def validate_distillation_config(cfg: Any) -> None:
     """teacher.* only with a distillation method (simreg, seed), and in range; student.budget a t_d."""
-    from vdg.methods import METHODS, DistillMethod
-    from vdg.models.teachers import TEACHER_FORMATS
-
     teacher = cfg.get("teacher") or {}
     distills = issubclass(METHODS[cfg.method.name], DistillMethod)
     kd = sorted(name for name, cls in METHODS.items() if issubclass(cls, DistillMethod))

@@ -3,7 +3,7 @@
 Run directory layout: config.yaml (resolved), .hydra/ (the command's Hydra record), checkpoints/{last.ckpt,
 epochNNNN.ckpt}, metrics.csv, summary.json, pretrain.log. The science lives in `vdg.methods`; this module only
 validates, wires, resumes and records. Everything a run needs is checked before the run directory is created or
-touched; one process at a time owns it (`vdg.run.rundir.RunDirLock`); a refused run leaves it as it was; every
+touched; one process at a time owns it (`vdg.core.rundir.RunDirLock`); a refused run leaves it as it was; every
 record is replaced atomically, never deleted first.
 """
 
@@ -22,22 +22,28 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities import rank_zero_only
 
+from vdg.core.atomic import atomic_write_text, remove_orphans, storage_error
 from vdg.core.errors import ConfigError, Interrupted, StorageError
+from vdg.core.rundir import RunDirLock, check_writable, create_dirs, remove_created
 from vdg.data import PretrainDataModule
 from vdg.data.datasets import build_dataset
 from vdg.data.module import eval_loader
+from vdg.deploy.export import export_backbone
+from vdg.eval.features import extract_features, gate_report, module_device
+from vdg.eval.knn import knn_accuracy
+from vdg.eval.protocols import check_eval_data, run_evaluation
 from vdg.eval.reference import random_init_knn, reference_fields
+from vdg.eval.summary import record_line
 from vdg.methods import METHODS, BaseMethod, build_method
 from vdg.methods.base import sync_batchnorm_scope
 from vdg.models import Branch
 from vdg.run.callbacks import FAULT_ENV, EpochTimer, FaultInjection, NonFiniteGuard, RNGState
-from vdg.run.checkpoint_io import AtomicCheckpointIO, atomic_write_text, remove_orphans, storage_error
+from vdg.run.checkpoint_io import AtomicCheckpointIO
 from vdg.run.config import validate_pretrain_config
 from vdg.run.hardstop import hard_stop
 from vdg.run.logging import build_loggers, check_logger
 from vdg.run.progress import progress_callbacks
 from vdg.run.resume import ExtendedSchedule, ResumePoint, find_resume_point
-from vdg.run.rundir import RunDirLock, check_writable, create_dirs, remove_created
 from vdg.run.student import resolve_student_widths, save_student_record
 
 log = logging.getLogger(__name__)
@@ -93,9 +99,6 @@ def final_knn(model: BaseMethod, cfg: DictConfig) -> dict[str, Any]:
     end of `fit`, where CIFAR's features would take ~130 TFLOP of CPU time and ImageNet-100's hours. The
     backbone goes back where it was afterwards.
     """
-    from vdg.eval.features import extract_features, gate_report, module_device
-    from vdg.eval.knn import knn_accuracy
-
     k, distance = int(cfg.final_knn.k), str(cfg.final_knn.distance)
     train_loader, test_loader = eval_loader(cfg, "train"), eval_loader(cfg, "test")
     device, previous = evaluation_device(model), module_device(model.backbone)
@@ -143,8 +146,6 @@ def check_evaluation_data(cfg: DictConfig, evaluations: list[DictConfig]) -> Non
     A k-NN with k larger than its bank, or a transfer target missing on this machine, would otherwise fail
     only after the whole pretraining.
     """
-    from vdg.eval.protocols import check_eval_data
-
     if cfg.final_knn.enabled:
         bank = len(build_dataset(cfg.dataset, cfg.data, "train"))
         if int(cfg.final_knn.k) > bank:
@@ -316,8 +317,6 @@ def after_training(
     if not trainer.is_global_zero:
         return summary
     if cfg.checkpoint.get("export_backbone", True):
-        from vdg.deploy.export import export_backbone
-
         # backbone-only weights beside the checkpoints, for downstream use (vdg.load_backbone)
         last = checkpoint_dir / "last.ckpt"
         summary["exports"] = {
@@ -326,8 +325,6 @@ def after_training(
     if cfg.final_knn.enabled:
         summary["knn"] = final_knn(model, cfg)
     if evaluations:
-        from vdg.eval.protocols import run_evaluation
-
         summary["evaluations"] = []
         for eval_cfg in evaluations:
             eval_cfg = eval_cfg.copy()
@@ -485,8 +482,6 @@ def describe_summary(summary: dict[str, Any]) -> str:
             + ", ".join(f"{k} {v:.1f}" for k, v in ranks.items())
         )
     if summary.get("evaluations"):
-        from vdg.eval.summary import record_line
-
         lines += [f"{r['protocol']} on {r['dataset']}: {record_line(r)}" for r in summary["evaluations"]]
     if summary.get("checkpoint"):
         ckpt = _shown_path(summary["checkpoint"])

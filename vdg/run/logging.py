@@ -21,8 +21,8 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
+from vdg.core.atomic import atomic_write_text
 from vdg.core.errors import ConfigError
-from vdg.run.checkpoint_io import atomic_write_text
 
 LOGGERS = ("csv", "wandb", "tensorboard")
 WANDB_MODES = ("offline", "online", "disabled")

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.utilities.model_summary import get_human_readable_count
 
 from vdg.core.errors import ConfigError
 
@@ -112,8 +113,6 @@ class ModelOverview(pl.Callback):
 
     @staticmethod
     def describe(pl_module: pl.LightningModule) -> str:
-        from pytorch_lightning.utilities.model_summary import get_human_readable_count
-
         parts = [
             f"{name} {get_human_readable_count(sum(p.numel() for p in module.parameters()))}"
             for name, module in pl_module.named_children()

@@ -18,7 +18,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from vdg.core.errors import CheckpointError, ConfigError
-from vdg.run.checkpoint import config_differences, read_checkpoint
+from vdg.methods.checkpoint import read_checkpoint
+from vdg.run.checkpoint import config_differences
 
 # Keys of the learning-rate schedule: with resume=auto they must match the checkpoint's (extend may change
 # trainer.max_epochs only).

@@ -14,7 +14,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from vdg.core.errors import ConfigError
+from vdg.core.atomic import atomic_write_text
+from vdg.core.errors import CheckpointError, ConfigError
+from vdg.deploy.slim import checkpoint_profile, slim_widths
+from vdg.methods.checkpoint import read_checkpoint
+from vdg.methods.teachers import file_sha256
 
 CACHE_NAME = "student_widths.json"  # in run_dir: a resumed run does not measure the policy again
 
@@ -24,11 +28,6 @@ def policy_widths(ckpt: str | Path, data: dict[str, Any]) -> dict[str, Any]:
 
     Returns {"channels_from", "sha256", "budget", "width", "stem", "widths", "mean_active", "samples"}.
     """
-    from vdg.core.errors import CheckpointError
-    from vdg.deploy.slim import checkpoint_profile, slim_widths
-    from vdg.models.teachers import file_sha256
-    from vdg.run.checkpoint import read_checkpoint
-
     path = Path(ckpt).expanduser().resolve()
     saved = read_checkpoint(path)["hyper_parameters"]["cfg"]
     try:
@@ -49,8 +48,6 @@ def policy_widths(ckpt: str | Path, data: dict[str, Any]) -> dict[str, Any]:
 
 def _cached(cache: Path, ckpt: Path) -> dict[str, Any] | None:
     """The cached measurement of `ckpt`, if the cache describes this very file (same content hash)."""
-    from vdg.models.teachers import file_sha256
-
     if not cache.is_file():
         return None
     try:
@@ -108,6 +105,4 @@ def resolve_student_widths(cfg: DictConfig) -> dict[str, Any] | None:
 
 def save_student_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
     """Write the policy measurement to run_dir/student_widths.json (what the student's shape came from)."""
-    from vdg.run.checkpoint_io import atomic_write_text
-
     return atomic_write_text(Path(run_dir) / CACHE_NAME, json.dumps(record, indent=1) + "\n")

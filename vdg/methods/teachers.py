@@ -3,6 +3,7 @@
 `load_teacher(path, format="auto")` detects the file's format (or checks the one named) and returns a `Teacher`
 in eval mode without gradients. Every file is read with `torch.load(weights_only=True)` or safetensors; nothing
 is downloaded. This module builds and loads networks only: distillation lives in `vdg.methods.distill`.
+It sits with the methods, above the models it builds: a vdg_checkpoint teacher is a whole pretraining method.
 
 Formats (`TEACHER_FORMATS`):
     vdg_checkpoint  a vdg pretraining checkpoint (.ckpt), or its run directory (checkpoints/last.ckpt): the
@@ -26,10 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 from torch import Tensor, nn
 
-from vdg.core.errors import TeacherError
+from vdg.core.errors import CheckpointError, TeacherError
+from vdg.methods.checkpoint import load_method, require_branch
 from vdg.models.encoder import BranchBackbone, branch_encoder
+from vdg.models.exported import load_exported
 
 TEACHER_FORMATS = ("vdg_checkpoint", "vdg_export", "solo_learn", "moco", "torchvision")
 TEACHER_OUTPUTS = ("features", "embedding")
@@ -212,8 +216,6 @@ def resnet_from_state(state: Mapping[str, Tensor], where: str) -> tuple[nn.Modul
     A 3x3 conv1 is the CIFAR stem of solo-learn and vdg (3x3, stride 1, padding 2, no max-pool); 7x7 keeps
     torchvision's. Built with `weights=None`: nothing is downloaded. fc.* (a classifier) is not loaded.
     """
-    import torchvision
-
     depths = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
     kind = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
     name = _RESNETS.get((kind, depths))
@@ -289,9 +291,6 @@ def _stats(values: Any) -> tuple[float, ...] | None:
 
 # ----- one loader per format ---------------------------------------------------------------------------------
 def _vdg_checkpoint(path: Path, branch: str) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
-    from vdg.core.errors import CheckpointError
-    from vdg.run.checkpoint import load_method, require_branch
-
     try:
         model = load_method(path)
         chosen = require_branch(model, branch)
@@ -312,12 +311,10 @@ def _vdg_checkpoint(path: Path, branch: str) -> tuple[nn.Module, nn.Module | Non
 
 
 def _vdg_export(path: Path) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
-    from vdg.deploy.export import load_backbone
-
     try:
         # masked whatever the export's default: a teacher is an nn.Module in a training step (train()/eval(),
         # autograd-compatible tensors); FoldedResNet (folded, sparse) is inference-only and returns inference tensors
-        backbone = load_backbone(path, execution="masked")
+        backbone = load_exported(path)
     except (ValueError, FileNotFoundError) as err:
         raise TeacherError(f"teacher.path: {err}") from err
     backbone.check_inputs = False  # the training step's views: see BranchBackbone

@@ -6,13 +6,14 @@ holder's host dies) releases when the holder dies, however it dies: a stale lock
 records who holds it (pid, host, start time, command) for the message a second process prints. On file systems
 without fcntl locks (some Lustre mounts, NFS without lockd) it falls back to an exclusive-create lock file: a
 holder on this host that is no longer running is detected and taken over; one on another host cannot be
-checked from here, and the message says how to remove it.
+checked from here, and the message says how to remove it. Plumbing only: imports nothing from vdg above core.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import sys
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vdg.core.atomic import host_name, pid_alive, storage_error
 from vdg.core.errors import RunDirError
-from vdg.run.checkpoint_io import host_name, pid_alive, storage_error
 
 LOCK_NAME = ".vdg.lock"
 # fcntl lock calls on file systems that do not implement them fail with one of these
@@ -117,8 +118,6 @@ class RunDirLock:
             except OSError as err:
                 raise (storage_error(self.path, err) or err) from err
             try:
-                import fcntl
-
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
                 os.close(fd)
