@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from vdg.report.mini_table import README_BEGIN, README_END, readme_block, replace_readme_block
 from vdg.report.pareto import ours_points, paper_points, plot_pareto, record_panel
-from vdg.report.quickstart import BEGIN, END, figures_table, replace_table
+from vdg.report.quickstart import BEGIN, END, OTHER_SEEDS, figures_table, replace_table
 from vdg.report.quickstart import commands as quickstart_commands
 from vdg.report.tables import load_results
 
@@ -485,6 +485,15 @@ def test_quickstart_figures_are_those_its_commands_wrote():
             assert record["ckpt"].endswith("runs/quickstart/checkpoints/last.ckpt")
             assert record["eval_config"]["augment"] is augment and record["eval_config"]["runs"] == 5
             assert record["eval_config"]["epochs"] == 100 and record["branch"] == branch
+        assert knn["random_init"]["seeds"] == [0, 1, 2]  # the table's random-init column
+        assert summary["knn"]["random_init"][branch]["top1_mean"] == pytest.approx(knn["random_init"]["top1_mean"])
+    cached = json.loads((FIGURES / "linear-digits-dense-cached.json").read_text())
+    assert cached["random_init"]["seeds"] == [0, 1, 2]
+    for seed in OTHER_SEEDS:  # the seeds row: the same command, another pretraining seed, nothing else changed
+        other = json.loads((FIGURES / f"summary-seed{seed}.json").read_text())
+        assert other["seed"] == seed and other["run_dir"].endswith(f"runs/quickstart_seed{seed}")
+        same = ("method", "dataset", "budget", "width", "epochs", "steps")
+        assert {k: other[k] for k in same} == {k: summary[k] for k in same}
 
 
 def test_readme_figures_script(tmp_path, capsys):

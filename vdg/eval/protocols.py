@@ -477,7 +477,7 @@ class Evaluation:
         return result_filename(
             str(c.protocol),
             str(self.dataset.name),
-            branch if isinstance(branch, str) else branch.value,
+            branch.value if isinstance(branch, Branch) else branch,
             pretrain_dataset=str(self.pretrain_cfg.dataset.name),
             k=int(c.k) if knn else None,
             distance=str(c.distance) if knn else None,
