@@ -18,7 +18,7 @@ CKPT = "runs/quickstart/checkpoints/last.ckpt"
 PRETRAIN = "python scripts/pretrain.py experiment=quickstart"
 KNN = f"python scripts/knn_eval.py ckpt={CKPT}"
 LINEAR = f"python scripts/linear_eval.py ckpt={CKPT}"
-LINEAR_CACHED = f"{LINEAR} augment=false random_init_seeds=[0,1,2]"
+LINEAR_CACHED = f"{LINEAR} augment=false 'random_init_seeds=[0,1,2]'"
 # the same command with other pretraining seeds (the default seed is 5): how much the figures move between runs
 OTHER_SEEDS = (1, 2)
 
