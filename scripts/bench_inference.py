@@ -16,10 +16,11 @@ import hydra
 from omegaconf import DictConfig
 
 from vdg.core.cli import USER_ERRORS, exit_with, quote_path_values
+from vdg.core.paths import script_config_dir
 from vdg.deploy.bench import append_row, run_benchmark
 
 
-@hydra.main(config_path="../configs", config_name="bench_inference", version_base="1.3")
+@hydra.main(config_path=str(script_config_dir(__file__)), config_name="bench_inference", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         result = run_benchmark(cfg)

@@ -11,20 +11,20 @@ slim=true) and prints their paths; load them with `vdg.load_backbone(path)`. A t
 
 import json
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vdg.core.cli import USER_ERRORS, exit_with, report_user_errors
+from vdg.core.paths import script_config_dir
 from vdg.deploy.export import check_export_config, export_backbone
 from vdg.run.cli import command_line
 
-SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
+SCRIPT_CONFIGS = script_config_dir(__file__)  # what @hydra.main reads
 
 
 
-@hydra.main(config_path="../configs", config_name="export", version_base="1.3")
+@hydra.main(config_path=str(SCRIPT_CONFIGS), config_name="export", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     try:

@@ -7,20 +7,20 @@ ratio of sparse over dense execution next to the FLOPs ratio (vdg.deploy.bench).
 
 import json
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from vdg.core.cli import report_user_errors
+from vdg.core.paths import script_config_dir
 from vdg.report.flops import flops_summary
 from vdg.run.cli import command_line
 
-SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
+SCRIPT_CONFIGS = script_config_dir(__file__)  # what @hydra.main reads
 
 
 
-@hydra.main(config_path="../configs", config_name="flops", version_base="1.3")
+@hydra.main(config_path=str(SCRIPT_CONFIGS), config_name="flops", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     summary = flops_summary(cfg)

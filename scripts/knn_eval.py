@@ -7,9 +7,9 @@ Options: configs/knn_eval.yaml and configs/eval/knn.yaml. Writes one JSON record
 <checkpoint dir>/results/ and prints a summary: one line per network (top-1, FLOPs), or the records with
 json=true. The command is `vdg.run.evaluate` (shared with linear_eval.py).
 """
-from pathlib import Path
 
+from vdg.core.paths import script_config_dir
 from vdg.run.evaluate import evaluation_script
 
 if __name__ == "__main__":
-    evaluation_script("knn_eval", Path(__file__).resolve().parents[1] / "configs")
+    evaluation_script("knn_eval", script_config_dir(__file__))

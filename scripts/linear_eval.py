@@ -17,9 +17,8 @@ import os
 # an OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pathlib import Path  # noqa: E402
-
+from vdg.core.paths import script_config_dir  # noqa: E402
 from vdg.run.evaluate import evaluation_script  # noqa: E402
 
 if __name__ == "__main__":
-    evaluation_script("linear_eval", Path(__file__).resolve().parents[1] / "configs")
+    evaluation_script("linear_eval", script_config_dir(__file__))

@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from vdg.core.cli import report_user_errors
+from vdg.core.paths import script_config_dir
 from vdg.run.cli import command_line
 
 
@@ -45,7 +46,7 @@ def missing_teacher(cfg: DictConfig) -> bool:
 
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
-SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
+SCRIPT_CONFIGS = script_config_dir(__file__)  # what @hydra.main reads
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
@@ -136,7 +137,7 @@ def anchor_paths(cfg: DictConfig) -> None:
 
 
 
-@hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
+@hydra.main(config_path=str(SCRIPT_CONFIGS), config_name="pretrain", version_base="1.3")
 @report_user_errors  # vdg's errors, Hydra's and OmegaConf's: one `error:` line, exit 2 (a stopped run: 130)
 def main(cfg: DictConfig) -> None:
     overrides = " ".join(shlex.quote(o) for o in job_overrides())

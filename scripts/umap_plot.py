@@ -9,21 +9,21 @@ A thin wrapper over `vdg.report.umap.umap_plot`.
 
 import json
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from vdg.core.cli import report_user_errors
+from vdg.core.paths import script_config_dir
 from vdg.eval.summary import display_path
 from vdg.report.umap import umap_plot
 from vdg.run.cli import command_line
 
-SCRIPT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # what @hydra.main reads
+SCRIPT_CONFIGS = script_config_dir(__file__)  # what @hydra.main reads
 
 
 
-@hydra.main(config_path="../configs", config_name="umap", version_base="1.3")
+@hydra.main(config_path=str(SCRIPT_CONFIGS), config_name="umap", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     summary = umap_plot(cfg)

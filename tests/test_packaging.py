@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from vdg.core.errors import ConfigError
-from vdg.core.paths import CONFIG_DIR, config_file, find_config_dir
+from vdg.core.paths import CONFIG_DIR, config_file, find_config_dir, script_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml"))
@@ -102,3 +102,15 @@ def test_installed_vdg_finds_its_configs_from_another_directory(wheel, tmp_path)
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (elsewhere / "runs/quickstart/summary.json").is_file()
+
+
+def test_every_script_reads_the_configs_beside_it_by_one_rule(tmp_path):
+    assert script_config_dir(REPO / "scripts" / "pretrain.py") == (REPO / "configs").resolve()
+    fork = tmp_path / "fork"
+    (fork / "configs").mkdir(parents=True)
+    (fork / "configs" / "pretrain.yaml").write_text("seed: 1\n")
+    assert script_config_dir(fork / "scripts" / "pretrain.py") == (fork / "configs").resolve()  # a fork's own
+    assert script_config_dir(tmp_path / "elsewhere" / "scripts" / "x.py") == CONFIG_DIR  # no configs beside it
+    for script in sorted((REPO / "scripts").glob("*.py")):  # nobody spells the path out again
+        text = script.read_text()
+        assert '"../configs"' not in text and '/ "configs"' not in text, script.name

@@ -41,3 +41,11 @@ def config_file(*parts: str) -> Path:
     if not path.exists():
         raise ConfigError(f"vdg's config folder {CONFIG_DIR} lacks {'/'.join(parts)}: reinstall vdg")
     return path
+
+
+def script_config_dir(script: str | Path) -> Path:
+    """The config tree a script of scripts/ composes (the one rule every script follows): the configs/ folder beside
+    scripts/ in the checkout the script was run from, so that a fork's own yaml files count; CONFIG_DIR when that
+    checkout has none."""
+    beside = Path(script).resolve().parents[1] / "configs"
+    return beside.resolve() if (beside / "pretrain.yaml").is_file() else CONFIG_DIR
