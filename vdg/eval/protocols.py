@@ -306,33 +306,23 @@ class Evaluation:
         return int(self.model.backbone.feature_dim)
 
     # ----- protocols -----------------------------------------------------------------------------------
+    def knn_fields(self, train: Features, test: Features) -> dict[str, Any]:
+        """The k-NN protocol on one pair of feature sets (a network's, or the raw pixels): its record fields."""
+        c = self.cfg
+        options = {"k": int(c.k), "distance": str(c.distance), "weighting": str(c.weighting)}
+        top1 = knn_accuracy(train.features.to(self.device), train.labels, test.features, test.labels,
+                            temperature=float(c.temperature), normalize=bool(c.normalize), **options)
+        description = describe_knn(dataset=str(self.dataset.name), num_train=len(train), num_test=len(test),
+                                   feature_dim=int(train.features.shape[1]), normalize=bool(c.normalize),
+                                   temperature=float(c.temperature), **options)
+        return {**accuracy_fields([top1], []), **options, "normalize": bool(c.normalize), "num_train": len(train),
+                "num_test": len(test), "description": description}
+
     def knn(self) -> dict[Branch, tuple[dict[str, Any], Features]]:
         c = self.cfg
         train, test = self.all_features("train"), self.all_features("test")
         options = {"k": int(c.k), "distance": str(c.distance), "weighting": str(c.weighting)}
-        description = describe_knn(
-            dataset=str(self.dataset.name),
-            num_train=len(next(iter(train.values()))),
-            num_test=len(next(iter(test.values()))),
-            feature_dim=self.feature_dim,
-            normalize=bool(c.normalize),
-            temperature=float(c.temperature),
-            **options,
-        )
-        out = {}
-        for branch in self.branches:
-            top1 = knn_accuracy(
-                train[branch].features.to(self.device),
-                train[branch].labels,
-                test[branch].features,
-                test[branch].labels,
-                temperature=float(c.temperature),
-                normalize=bool(c.normalize),
-                **options,
-            )
-            fields = {**accuracy_fields([top1], []), **options, "normalize": bool(c.normalize)}
-            fields.update(num_train=len(train[branch]), num_test=len(test[branch]), description=description)
-            out[branch] = (fields, test[branch])
+        out = {branch: (self.knn_fields(train[branch], test[branch]), test[branch]) for branch in self.branches}
         seeds = check_seeds("random_init_seeds", c.get("random_init_seeds", []))
         if seeds:
             reference = random_init_knn(
@@ -511,13 +501,8 @@ class Evaluation:
         train, test = pixel_features(self.loader("train")), pixel_features(self.loader("test"))
         dim = int(train.features.shape[1])
         if c.protocol == "knn":
-            options = {"k": int(c.k), "distance": str(c.distance), "weighting": str(c.weighting)}
-            top1 = knn_accuracy(train.features.to(self.device), train.labels, test.features, test.labels,
-                                temperature=float(c.temperature), normalize=bool(c.normalize), **options)
-            fields = {**accuracy_fields([top1], []), **options, "normalize": bool(c.normalize)}
-            description = describe_knn(dataset=str(self.dataset.name), num_train=len(train), num_test=len(test),
-                                       feature_dim=dim, normalize=bool(c.normalize), temperature=float(c.temperature),
-                                       **options)
+            fields = self.knn_fields(train, test)
+            description = fields.pop("description")
         else:
             seeds = [int(c.seed) + r for r in range(int(c.runs))]
             num_classes = int(self.dataset.num_classes)
