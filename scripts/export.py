@@ -3,6 +3,7 @@
     python scripts/export.py ckpt=runs/.../checkpoints/last.ckpt branch=gated [out_dir=DIR] [overwrite=true]
     python scripts/export.py ckpt=... branch=gated execution=sparse   # load_backbone runs it sparse by default
     python scripts/export.py ckpt=... branch=gated slim=true          # the compacted gated network + its profile
+    python scripts/export.py ckpt=... branch=dense format=onnx        # one .onnx, checked with onnxruntime
 
 Options: configs/export.yaml. Writes <name>.pt, <name>.safetensors and <name>.json (+ <name>.profile.json with
 slim=true) and prints their paths; load them with `vdg.load_backbone(path)`. A thin wrapper over
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from vdg.core.cli import USER_ERRORS, exit_with, report_user_errors
 from vdg.core.paths import script_config_dir
 from vdg.deploy.export import check_export_config, export_backbone
+from vdg.deploy.to_onnx import read_onnx_metadata
 from vdg.run.cli import command_line
 
 SCRIPT_CONFIGS = script_config_dir(__file__)  # what @hydra.main reads
@@ -40,10 +42,14 @@ def main(cfg: DictConfig) -> None:
             slim=bool(cfg.slim),
             profile_split=str(cfg.profile_split),
             data=OmegaConf.to_container(cfg.data, resolve=True),
+            output_format=str(cfg.format),
         )
     except (*USER_ERRORS, FileExistsError, ValueError) as err:
         exit_with(err)
-    print(json.dumps({key: str(path) for key, path in paths.items()}, indent=2))
+    printed: dict = {key: str(path) for key, path in paths.items()}
+    if "onnx" in paths:  # what the export was checked against
+        printed["onnx_check"] = read_onnx_metadata(paths["onnx"])["onnx_check"]
+    print(json.dumps(printed, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,20 +31,25 @@ from vdg.deploy import native
 from vdg.deploy.native import NativeKernelError
 from vdg.deploy.slim import ChannelProfile, gated_checkpoint, profile_from_masks, slim_resnet, slim_widths
 from vdg.deploy.sparse import KERNELS, BlockPath, FoldedResNet, interleaved_times
+from vdg.deploy.to_onnx import EXTRA, OnnxEngine, onnx_available
 from vdg.models import Branch, GatedResNet, network_cost
-from vdg.models.encoder import branch_encoder
+from vdg.models.encoder import BranchBackbone, branch_encoder
 from vdg.models.resnet import STEMS
 
 log = logging.getLogger(__name__)
 
 # Executions timed, in this order within a round (rotated every round): the fast engines, then the eager modules.
 EXECUTIONS = (
-    "dense", "dense_native", "masked", "sparse", "slim", "slim_native", "dense_eager", "masked_eager", "slim_eager",
+    "dense", "dense_native", "dense_onnx", "masked", "sparse", "slim", "slim_native", "slim_onnx", "masked_onnx",
+    "dense_eager", "masked_eager", "slim_eager",
 )  # fmt: skip
 # dense / slim: `FoldedResNet` on oneDNN's prepacked convolutions; dense_native / slim_native: the same networks on
-# the compiled kernel of sparse execution with every channel on (`vdg.deploy.native`). A network's latency
-# (`dense_ms`, `slim_ms`) is the faster of its two executions, round by round: the gated network is never compared
-# with a dense one run slower than it could be.
+# the compiled kernel of sparse execution with every channel on (`vdg.deploy.native`); dense_onnx / slim_onnx: the
+# same networks exported to ONNX and run by onnxruntime (`vdg.deploy.to_onnx`, CPU only, left out without
+# onnxruntime). A network's latency (`dense_ms`, `slim_ms`) is the fastest of its engines, round by round: the gated
+# network is never compared with a dense one run slower than it could be. masked_onnx: the gated network's ONNX
+# graph (every channel computed, then masked), what a user of ONNX gets; reported, never a dense engine.
+ENGINES = {"native": "the compiled kernel", "onnx": "onnxruntime"}  # a network's engines besides oneDNN
 PLANS = ("default", "tune", "sample", "masked")  # how the sparse execution picks each block's path
 
 
@@ -233,11 +238,12 @@ def measure(
 
     A round runs each execution over all batches, the executions taking turns (their order rotates every
     round), after `warmup` untimed rounds. `<execution>_ms` is the median over rounds of the time per batch.
-    `dense_ms` and `slim_ms` are the medians of the per-round faster of each network's two executions (oneDNN
-    and the compiled kernel: `dense_onednn_ms`, `dense_native_ms`, ...), and every ratio against "dense" uses that
-    per-round best. Ratios (`latency_ratio` = sparse / dense, `slim_ratio`, `masked_ratio`, `*_eager` against the
-    eager dense module) are medians of the per-round ratios, which machine load drifting between rounds cannot
-    bias; on a quiet machine they equal the ratios of the medians.
+    `dense_ms` and `slim_ms` are the medians of the per-round fastest of each network's executions (oneDNN, the
+    compiled kernel, onnxruntime: `dense_onednn_ms`, `dense_native_ms`, `dense_onnx_ms`, ...), and every ratio
+    against "dense" uses that per-round best. Ratios (`latency_ratio` = sparse / dense, `slim_ratio`,
+    `masked_ratio`, `masked_onnx_ratio`, `*_eager` against the eager dense module) are medians of the per-round
+    ratios, which machine load drifting between rounds cannot bias; on a quiet
+    machine they equal the ratios of the medians.
     plan: the sparse execution's block paths: "default" (`vdg.deploy.sparse.default_path`), "tune"
     (`FoldedResNet.tune` on the first batch), "sample" or "masked" (every block). kernel: the sparse execution's
     per-sample kernel (`vdg.deploy.sparse.resolve_kernel`); dense_native and slim_native always need the compiled one.
@@ -265,7 +271,7 @@ class _Engines:
     sparse: FoldedResNet
     paths: list[str]  # the sparse execution's block paths at this batch size
     calls: dict[str, Callable[[Tensor], Any]]  # execution name -> one batch through it
-    left_out: list[str]  # *_native executions without a compiled kernel
+    left_out: list[str]  # *_native executions without a compiled kernel, *_onnx ones without onnxruntime
 
 
 def _measure(
@@ -280,7 +286,7 @@ def _measure(
     kernel: str,
 ) -> dict[str, Any]:
     dev = torch.device(device)
-    engines = _build_engines(setup, batch_size, dev, plan, executions, kernel)
+    engines = _build_engines(setup, batch_size, dev, plan, executions, kernel, threads)
     max_abs, scale = _sparse_error(engines)
     unknown = sorted(set(executions) - set(engines.calls) - set(engines.left_out))
     if unknown or "dense" not in executions:
@@ -306,6 +312,7 @@ def _measure(
             "latency_ratio": ratio("sparse", "dense"),
             "slim_ratio": ratio("slim", "dense"),
             "masked_ratio": ratio("masked", "dense"),
+            "masked_onnx_ratio": ratio("masked_onnx", "dense"),
             "sparse_vs_masked": ratio("sparse", "masked"),
             "latency_ratio_eager": ratio("sparse", "dense_eager"),
             "slim_ratio_eager": ratio("slim_eager", "dense_eager"),
@@ -323,7 +330,7 @@ def _measure(
             "plan": engines.paths,
             "plan_choice": plan,
             "kernel": sparse.kernel,
-            "executions_left_out": engines.left_out,  # *_native without a compiled kernel (kernel auto or torch)
+            "executions_left_out": engines.left_out,  # *_native without a compiled kernel, *_onnx without onnxruntime
             "kernel_isa": sparse.kernel_isa,  # the compiled kernel's variant (vdg.deploy.native.ISAS), None: torch
             "cpu": cpu_model(),
             "cpu_isa": native.cpu_isa() if native.available() else None,  # the widest kernel variant the CPU runs
@@ -343,11 +350,18 @@ def _measure(
 
 
 def _build_engines(
-    setup: BenchSetup, batch_size: int, dev: torch.device, plan: str, executions: Sequence[str], kernel: str
+    setup: BenchSetup,
+    batch_size: int,
+    dev: torch.device,
+    plan: str,
+    executions: Sequence[str],
+    kernel: str,
+    threads: int,
 ) -> _Engines:
     """The gated network's reference outputs and masks, the slim network they shape, and every execution: oneDNN
-    engines (folded), the compiled kernel's (`*_native`, left out without a compiler unless kernel=native), the
-    sparse execution with its `plan`, and the eager modules."""
+    engines (folded), the compiled kernel's (`*_native`, left out without a compiler unless kernel=native),
+    onnxruntime's (`*_onnx`, left out without onnxruntime or on a GPU), the sparse execution with its `plan`, and
+    the eager modules."""
     gated, dense = setup.gated.to(dev).eval(), setup.dense.to(dev).eval()
     with torch.no_grad():
         reference = [gated(b.to(dev), Branch.GATED) for b in batches(setup.images, batch_size)]
@@ -379,6 +393,10 @@ def _build_engines(
                 continue
             engine.set_plan(batch_size, [BlockPath.SAMPLE] * len(engine.blocks))
             native_runs[name] = engine
+    onnx_runs = _onnx_engines(
+        {"dense_onnx": dense, "slim_onnx": slim, "masked_onnx": gated}, executions, setup.images.shape[-1], dev,
+        threads, left_out,
+    )
     if plan == "tune":
         sparse.tune(inputs[0])
     elif plan != "default":
@@ -390,11 +408,40 @@ def _build_engines(
         "sparse": sparse,
         "slim": folded_slim,
         **native_runs,
+        **onnx_runs,
         "dense_eager": lambda x: dense(x, Branch.DENSE),
         "masked_eager": lambda x: gated(x, Branch.GATED),
         "slim_eager": lambda x: slim(x, Branch.DENSE),
     }
     return _Engines(inputs, reference, masks, widths, sparse, paths, calls, left_out)
+
+
+def _onnx_engines(
+    networks: dict[str, GatedResNet],
+    executions: Sequence[str],
+    image_size: int,
+    dev: torch.device,
+    threads: int,
+    left_out: list[str],
+) -> dict[str, Callable[[Tensor], Any]]:
+    """onnxruntime engines of the `*_onnx` executions asked for; left out (appended to `left_out`, with a warning)
+    without onnxruntime or on a GPU, as the native ones are without a compiler."""
+    wanted = [name for name in networks if name in executions]
+    if not wanted:
+        return {}
+    reason = None if onnx_available() else f"onnxruntime is not installed ({EXTRA})"
+    if dev.type != "cpu":
+        reason = "onnxruntime engines are timed on the CPU only"
+    if reason is not None:
+        log.warning("%s left out: %s", ", ".join(wanted), reason)
+        left_out.extend(wanted)
+        return {}
+    runs = {}
+    for name in wanted:
+        network = networks[name]
+        branch = Branch.GATED if network.gated else Branch.DENSE
+        runs[name] = OnnxEngine(BranchBackbone(network, branch, check_inputs=False).eval(), image_size, threads)
+    return runs
 
 
 def _sparse_error(engines: _Engines) -> tuple[float, float]:
@@ -431,20 +478,17 @@ def _time_executions(
 
 
 def _best_engines(per_batch: dict[str, list[float]]) -> dict[str, str]:
-    """A network's latency is the faster of its executions, round by round: `dense`/`slim` become that per-round
-    best (their oneDNN times move to `*_onednn`); returns which engine was faster on the median."""
+    """A network's latency is the fastest of its engines, round by round: `dense`/`slim` become that per-round
+    best (their oneDNN times move to `*_onednn`); returns which engine was fastest on the median."""
     engines: dict[str, str] = {}
     for network in ("dense", "slim"):
         if network not in per_batch:
             continue
         per_batch[f"{network}_onednn"] = onednn = per_batch.pop(network)
-        native_times = per_batch.get(f"{network}_native")
-        if native_times is not None:
-            per_batch[network] = [min(a, b) for a, b in zip(onednn, native_times, strict=True)]
-        else:
-            per_batch[network] = onednn
-        faster = native_times is not None and median(native_times) < median(onednn)
-        engines[network] = "native" if faster else "onednn"
+        candidates = {"onednn": onednn}
+        candidates.update({e: per_batch[f"{network}_{e}"] for e in ENGINES if f"{network}_{e}" in per_batch})
+        per_batch[network] = [min(times) for times in zip(*candidates.values(), strict=True)]
+        engines[network] = min(candidates, key=lambda engine: median(candidates[engine]))
     return engines
 
 

@@ -23,6 +23,7 @@ from vdg.core.paths import config_file
 from vdg.core.rundir import check_writable
 from vdg.deploy.slim import ChannelProfile, compact_gated, compaction, method_profile, slim_widths
 from vdg.deploy.sparse import FoldedResNet
+from vdg.deploy.to_onnx import OPSET, export_onnx
 from vdg.methods.base import BaseMethod
 from vdg.methods.checkpoint import method_from_checkpoint, read_checkpoint, require_branch
 from vdg.models import Branch, GatedResNet
@@ -30,6 +31,7 @@ from vdg.models.encoder import BranchBackbone, branch_encoder
 from vdg.models.exported import EXPORT_FORMAT, FORMAT_VERSION, METADATA_KEY, build_exported, open_export
 
 EXECUTIONS = ("masked", "folded", "sparse")  # how `load_backbone` runs a network; see its docstring
+FORMATS = ("torch", "onnx")  # torch: .pt + .safetensors + .json (load_backbone); onnx: one .onnx (vdg.deploy.to_onnx)
 PROFILE_SPLITS = ("train", "test")  # splits `slim=true` may profile the gate policy on (evaluation transform)
 
 
@@ -62,6 +64,7 @@ def export_backbone(
     slim: bool = False,
     profile_split: str = "train",
     data: dict[str, Any] | None = None,
+    output_format: str = "torch",
 ) -> dict[str, Path]:
     """Write one branch of a checkpoint's backbone as <name>.pt, <name>.safetensors and <name>.json.
 
@@ -76,9 +79,19 @@ def export_backbone(
     never kept on the checkpoint's `profile_split` removed, the always-kept ones ungated; the channel profile is
     written to <name>.profile.json and the slim dense widths (the paper's Table 3 students) into the JSON.
     data: keys of the checkpoint's `data:` block to override for profiling (e.g. {"root": "/data"}).
+    output_format: "torch" (the files above) or "onnx": one <name>.onnx (images -> features, dynamic batch) with
+    the JSON in its metadata, checked against PyTorch with onnxruntime before it is written
+    (`vdg.deploy.to_onnx`); returns {"onnx": path}. An existing file is refused unless `overwrite`. The gated
+    network exports as its masked graph (every channel computed, then masked): ONNX cannot skip channels per sample.
     """
+    check_choice("format", output_format, FORMATS)
     if execution is not None:
         check_choice("execution", execution, EXECUTIONS)
+        if output_format == "onnx":
+            raise ConfigError(
+                f"execution={execution} is how load_backbone runs a format=torch export; an ONNX file runs in "
+                "onnxruntime as the graph it holds: leave execution unset with format=onnx"
+            )
     check_bool("slim", slim)
     check_choice("profile_split", profile_split, PROFILE_SPLITS)
     source = read_checkpoint(ckpt)  # read once: the method's weights and the provenance (epoch, step) come from it
@@ -93,6 +106,10 @@ def export_backbone(
         profile = method_profile(model, profile_split, data)
         encoder = compact_gated(model.backbone, profile)
     out = Path(out_dir) if out_dir is not None else Path(ckpt).resolve().parent / "export"
+    if output_format == "onnx":
+        return write_onnx_export(
+            model, encoder, branch, ckpt, source, out, name, slim, overwrite, profile, profile_split
+        )
     paths = export_paths(model, branch, out, name, slim)
     metadata = export_metadata(model, encoder, branch, ckpt, source, paths, execution)
     if profile is not None:
@@ -102,6 +119,44 @@ def export_backbone(
         return paths  # this very export is there already (e.g. written by pretraining): nothing to do
     write_export(out, paths, state, metadata, profile)
     return paths
+
+
+def write_onnx_export(
+    model: BaseMethod,
+    encoder: GatedResNet,
+    branch: Branch,
+    ckpt: str | Path,
+    source: dict[str, Any],
+    out: Path,
+    name: str | None,
+    slim: bool,
+    overwrite: bool,
+    profile: ChannelProfile | None,
+    profile_split: str,
+) -> dict[str, Path]:
+    """`export_backbone(..., output_format="onnx")`: <out>/<name>.onnx, the export JSON in its metadata."""
+    path = export_paths(model, branch, out, name, slim)["json"].with_suffix(".onnx")
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass overwrite=true to replace it, or out_dir=/name= to keep both"
+        )
+    metadata = export_metadata(model, encoder, branch, ckpt, source, {"onnx": path}, None)
+    metadata.pop("execution")
+    metadata["files"] = {"onnx": path.name}
+    metadata["onnx"] = {
+        "opset": OPSET,
+        "input": "images [N, 3, H, W], normalised with `normalize`",
+        "output": f"features [N, {encoder.feature_dim}]",
+        "graph": "masked: every channel computed, then multiplied by 1[logit >= 0] (no per-sample skipping)"
+        if encoder.gated
+        else "static",
+    }
+    if profile is not None:
+        metadata["slim"] = slim_record(profile, profile_split)
+    check_writable(out, "out_dir")
+    network = BranchBackbone(encoder, branch, metadata, check_inputs=False).eval()
+    export_onnx(network, path, int(model.cfg.dataset.image_size), metadata)
+    return {"onnx": path}
 
 
 def export_paths(model: BaseMethod, branch: Branch, out: Path, name: str | None, slim: bool) -> dict[str, Path]:
@@ -214,8 +269,14 @@ def check_export_config(cfg: Any) -> None:
         check_str(key, cfg.get(key), optional=True)
     check_bool("overwrite", cfg.overwrite)
     check_bool("slim", cfg.slim)
+    check_choice("format", cfg.format, FORMATS)
     if cfg.execution is not None:
         check_choice("execution", cfg.execution, EXECUTIONS)
+        if cfg.format == "onnx":
+            raise ConfigError(
+                f"execution={cfg.execution} is how load_backbone runs a format=torch export; an ONNX file runs in "
+                "onnxruntime as the graph it holds: leave execution unset with format=onnx"
+            )
     check_choice("profile_split", cfg.profile_split, PROFILE_SPLITS)
     check_data_overrides(cfg.get("data"))
 
