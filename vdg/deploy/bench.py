@@ -21,7 +21,7 @@ from torch import Tensor
 
 from vdg.core.atomic import atomic_write_text
 from vdg.core.errors import ConfigError
-from vdg.core.machine import aten_isa, cpu_model, onednn_isa
+from vdg.core.machine import aten_isa, cpu_isa, cpu_model, onednn_isa, short_isa
 from vdg.core.options import check_choice, check_int, check_known_keys, check_number, check_str
 from vdg.core.paths import config_file
 from vdg.core.rundir import check_writable
@@ -31,7 +31,7 @@ from vdg.deploy import native
 from vdg.deploy.native import NativeKernelError
 from vdg.deploy.slim import ChannelProfile, gated_checkpoint, profile_from_masks, slim_resnet, slim_widths
 from vdg.deploy.sparse import KERNELS, BlockPath, FoldedResNet, interleaved_times
-from vdg.deploy.to_onnx import EXTRA, OnnxEngine, onnx_available
+from vdg.deploy.to_onnx import EXTRA, OnnxEngine, onnx_available, onnxruntime_version
 from vdg.models import Branch, GatedResNet, network_cost
 from vdg.models.encoder import BranchBackbone, branch_encoder
 from vdg.models.resnet import STEMS
@@ -45,11 +45,21 @@ EXECUTIONS = (
 )  # fmt: skip
 # dense / slim: `FoldedResNet` on oneDNN's prepacked convolutions; dense_native / slim_native: the same networks on
 # the compiled kernel of sparse execution with every channel on (`vdg.deploy.native`); dense_onnx / slim_onnx: the
-# same networks exported to ONNX and run by onnxruntime (`vdg.deploy.to_onnx`, CPU only, left out without
-# onnxruntime). A network's latency (`dense_ms`, `slim_ms`) is the fastest of its engines, round by round: the gated
-# network is never compared with a dense one run slower than it could be. masked_onnx: the gated network's ONNX
-# graph (every channel computed, then masked), what a user of ONNX gets; reported, never a dense engine.
+# same networks exported to ONNX and run by onnxruntime (`vdg.deploy.to_onnx`; CPU only; left out without
+# onnxruntime, and where oneDNN is capped below the CPU, since onnxruntime has no such cap). A network's latency
+# (`dense_ms`, `slim_ms`) is the fastest of its engines, round by round: the gated network is never compared with
+# a dense one run slower than it could be. masked_onnx: the gated network's ONNX graph (every channel computed,
+# then masked), what a user of ONNX gets; reported, never a dense engine.
 ENGINES = {"native": "the compiled kernel", "onnx": "onnxruntime"}  # a network's engines besides oneDNN
+ISA_RANK = {"sse4.1": 0, "sse4.2": 0, "avx": 1, "avx2": 2, "avx512": 3}  # vdg.core.machine's ISA names
+
+
+def onednn_capped() -> bool:
+    """Whether oneDNN runs a narrower ISA than the CPU offers (`ONEDNN_MAX_CPU_ISA`: an emulated CPU)."""
+    used, widest = short_isa(), cpu_isa()
+    return used in ISA_RANK and widest in ISA_RANK and ISA_RANK[used] < ISA_RANK[widest]
+
+
 PLANS = ("default", "tune", "sample", "masked")  # how the sparse execution picks each block's path
 
 
@@ -336,6 +346,8 @@ def _measure(
             "cpu_isa": native.cpu_isa() if native.available() else None,  # the widest kernel variant the CPU runs
             "onednn_isa": onednn_isa() if dev.type == "cpu" else None,  # the widest oneDNN used (ONEDNN_MAX_CPU_ISA)
             "aten_isa": aten_isa(),  # ATen's vector kernels (ATEN_CPU_CAPABILITY)
+            # onnxruntime's kernels follow the CPU (no cap): its version and the CPU's ISA, when an *_onnx ran
+            "onnxruntime": onnxruntime_version() if any(n.endswith("_onnx") for n in per_batch) else None,
             "engines": best,
             "density_per_block": cost.channel_density(active).tolist(),
             "slim_widths": engines.widths,
@@ -432,6 +444,13 @@ def _onnx_engines(
     reason = None if onnx_available() else f"onnxruntime is not installed ({EXTRA})"
     if dev.type != "cpu":
         reason = "onnxruntime engines are timed on the CPU only"
+    elif onednn_capped():
+        # an emulated narrower CPU (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 one): onnxruntime's MLAS picks its
+        # kernels from CPUID and has no such cap, so its times would be this CPU's, not the emulated one's
+        reason = (
+            f"oneDNN is capped at {short_isa()} on this {cpu_isa()} CPU and onnxruntime cannot be capped (its kernels "
+            "follow the CPU): its times would not be those of the emulated CPU"
+        )
     if reason is not None:
         log.warning("%s left out: %s", ", ".join(wanted), reason)
         left_out.extend(wanted)
@@ -501,16 +520,18 @@ One row per run, appended by each run. Columns:
 - dense / masked / sparse / slim: milliseconds per batch (median over interleaved rounds) of `FoldedResNet`
   (eval BatchNorm folded): the dense network, the gated network computing every channel then masking, the gated
   network skipping inactive channels (`plan`: path per block), and the slim dense ResNet-18 whose conv1 widths
-  are the mean active channels per block. dense and slim are each the faster, round by round, of two engines:
-  oneDNN's prepacked convolutions and the compiled kernel of sparse execution with every channel on (`engines`
-  says which won by median). dense eager: the `GatedResNet` module as trained (`load_backbone(...,
+  are the mean active channels per block. dense and slim are each the fastest, round by round, of their engines:
+  oneDNN's prepacked convolutions, the compiled kernel of sparse execution with every channel on, and (rows from
+  2026-12-07 on, where onnxruntime is installed) onnxruntime on the exported ONNX graph (`engines` says which won
+  by median). dense eager: the `GatedResNet` module as trained (`load_backbone(...,
   execution="masked")` runs this way).
-- sparse/dense, slim/dense: medians of per-round ratios against the dense network's faster engine; sparse/dense
+- sparse/dense, slim/dense: medians of per-round ratios against the dense network's fastest engine; sparse/dense
   eager: against the eager dense module. max rel diff: sparse features vs the masked eager reference.
 - plan: the sparse execution's path per block (s = per sample, m = masked) and its kernel (native = compiled,
   with the variant it ran: avx512, avx2 or portable; `VDG_KERNEL_ISA` forces one).
 - ISA: the widest instruction set oneDNN used (its verbose `isa:` line; `ONEDNN_MAX_CPU_ISA` caps it) and
-  ATen's vector kernels (`ATEN_CPU_CAPABILITY`), so that a row emulating an AVX2 CPU on a wider one says so.
+  ATen's vector kernels (`ATEN_CPU_CAPABILITY`), so that a row emulating an AVX2 CPU on a wider one says so;
+  onnxruntime's, where one of its engines ran (the CPU's own: it has no cap, so emulated rows leave it out).
 - load: the machine's 1-minute load average before and after timing (2 cores here: above ~0.5 the machine was
   shared and the figures are noisy; a 2-thread run itself brings it towards 2).
 
@@ -575,7 +596,8 @@ def append_row(result: Mapping[str, Any], path: str | Path) -> Path:
         + (f", {result['kernel']}" if result.get("kernel") else "")
         + (f" ({result['kernel_isa']})" if result.get("kernel_isa") else ""),
         ", ".join(f"{k}: {v}" for k, v in result.get("engines", {}).items()),
-        f"oneDNN {result.get('onednn_isa') or '?'}; ATen {result.get('aten_isa') or '?'}",
+        f"oneDNN {result.get('onednn_isa') or '?'}; ATen {result.get('aten_isa') or '?'}"
+        + (f"; onnxruntime {cpu_isa()}" if result.get("onnxruntime") else ""),
         load,
     ]
     atomic_write_text(path, text + "| " + " | ".join(str(c) for c in cells) + " |\n")

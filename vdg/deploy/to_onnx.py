@@ -57,6 +57,10 @@ def onnx_available() -> bool:
     return True
 
 
+def onnxruntime_version() -> str:
+    return str(_require("onnxruntime").__version__)
+
+
 def _program(module: nn.Module, image_size: int) -> Any:
     """`torch.onnx.export` of `module` on [2, 3, S, S] with a dynamic batch axis (an `ONNXProgram`)."""
     for name in ("onnx", "onnxscript"):
