@@ -105,6 +105,7 @@ def compare(path: str | Path, module: nn.Module, image_size: int, seed: int = 0)
             expected = module(images)
             got = torch.from_numpy(runner.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
             if got.shape != expected.shape:
+                # not user input: the exporter or onnxruntime got the graph wrong (a bug: keep the traceback)
                 raise RuntimeError(f"the ONNX graph gives features {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
             max_abs = max(max_abs, (got - expected).abs().max().item())
             scale = max(scale, expected.abs().max().item())
@@ -125,7 +126,8 @@ def export_onnx(module: nn.Module, path: str | Path, image_size: int, metadata: 
         program.save(str(tmp), external_data=False)  # one file: weights inline (a ResNet-18 is far below 2 GB)
         result = compare(tmp, module, image_size)
         if result["max_rel_diff"] > CHECK_RTOL:
-            raise RuntimeError(  # a bug of the exporter or the runtime, not the user's: keep the traceback
+            # not user input: the exporter or onnxruntime computes another function (a bug: keep the traceback)
+            raise RuntimeError(
                 f"the ONNX graph's features differ from PyTorch's by {result['max_rel_diff']:.2e} (relative; allowed "
                 f"{CHECK_RTOL:g}): not written to {path}"
             )
