@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vdg.core.errors import ConfigError
-from vdg.deploy import native
+from vdg.deploy import bench, native
 from vdg.deploy.bench import (
     EXECUTIONS,
     append_row,
@@ -23,6 +23,7 @@ from vdg.deploy.bench import (
     measure,
 )
 from vdg.deploy.sparse import AUTO_NATIVE_ISAS
+from vdg.deploy.to_onnx import onnx_available
 from vdg.report.flops import flops_summary
 
 from .conftest import compose_config
@@ -51,7 +52,12 @@ def test_measure_reports_every_execution_and_the_difference_to_the_reference(tmp
     threads_before = torch.get_num_threads()
     result = measure(setup, batch_size=2, threads=1, rounds=2, warmup=0)
     assert all(key in result for key in REQUIRED)
-    assert {f"{name}_ms" for name in EXECUTIONS} <= set(result) and all(result[f"{n}_ms"] > 0 for n in EXECUTIONS)
+    # onnxruntime has no ISA cap: under ONEDNN_MAX_CPU_ISA=AVX2 on a wider CPU (CI's forced-AVX2 pass) it sits out,
+    # as it does where the onnx extra is not installed
+    onnx = [n for n in EXECUTIONS if n.endswith("_onnx")]
+    assert result["executions_left_out"] == (onnx if bench.onednn_capped() or not onnx_available() else [])
+    timed = [n for n in EXECUTIONS if n not in result["executions_left_out"]]
+    assert {f"{name}_ms" for name in timed} <= set(result) and all(result[f"{n}_ms"] > 0 for n in timed)
     assert result["masks"] == "calibrated" and result["batch_size"] == 2 and result["threads"] == 1
     for network in ("dense", "slim"):  # a network's latency is the fastest of its engines
         assert result[f"{network}_ms"] <= min(result[f"{network}_onednn_ms"], result[f"{network}_native_ms"]) + 1e-9
