@@ -141,10 +141,10 @@ def test_without_onnxruntime_the_benchmark_leaves_its_engines_out(monkeypatch):
 
 def test_under_an_emulated_narrower_cpu_the_onnxruntime_engines_are_left_out(monkeypatch):
     """ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN and the kernel, not onnxruntime: timed, it would be this CPU's speed."""
-    from vdg.deploy import bench
+    from vdg.core import machine
 
-    monkeypatch.setattr(bench, "short_isa", lambda: "avx2")
-    monkeypatch.setattr(bench, "cpu_isa", lambda: "avx512")
+    monkeypatch.setattr(machine, "short_isa", lambda: "avx2")
+    monkeypatch.setattr(machine, "cpu_isa", lambda: "avx512")
     setup = calibrated_setup(4, "cifar", 32, 0.5, num_images=2, calibration_images=16, seed=0)
     result = measure(setup, 1, 1, rounds=1, warmup=0, executions=("dense", "dense_onnx", "sparse"), kernel="torch")
     assert result["executions_left_out"] == ["dense_onnx"] and result["engines"] == {"dense": "onednn"}

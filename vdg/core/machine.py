@@ -98,3 +98,12 @@ def short_isa() -> str:
         if token in isa:
             return name
     return isa or "unknown"
+
+
+ISA_RANK = {"sse4.1": 0, "sse4.2": 0, "avx": 1, "avx2": 2, "avx512": 3}  # the ISA names of this module
+
+
+def onednn_capped() -> bool:
+    """Whether oneDNN runs a narrower ISA than the CPU offers (`ONEDNN_MAX_CPU_ISA`: an emulated CPU)."""
+    used, widest = short_isa(), cpu_isa()
+    return used in ISA_RANK and widest in ISA_RANK and ISA_RANK[used] < ISA_RANK[widest]

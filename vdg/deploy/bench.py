@@ -21,7 +21,7 @@ from torch import Tensor
 
 from vdg.core.atomic import atomic_write_text
 from vdg.core.errors import ConfigError
-from vdg.core.machine import aten_isa, cpu_isa, cpu_model, onednn_isa, short_isa
+from vdg.core.machine import aten_isa, cpu_isa, cpu_model, onednn_capped, onednn_isa, short_isa
 from vdg.core.options import check_choice, check_int, check_known_keys, check_number, check_str
 from vdg.core.paths import config_file
 from vdg.core.rundir import check_writable
@@ -51,14 +51,6 @@ EXECUTIONS = (
 # a dense one run slower than it could be. masked_onnx: the gated network's ONNX graph (every channel computed,
 # then masked), what a user of ONNX gets; reported, never a dense engine.
 ENGINES = {"native": "the compiled kernel", "onnx": "onnxruntime"}  # a network's engines besides oneDNN
-ISA_RANK = {"sse4.1": 0, "sse4.2": 0, "avx": 1, "avx2": 2, "avx512": 3}  # vdg.core.machine's ISA names
-
-
-def onednn_capped() -> bool:
-    """Whether oneDNN runs a narrower ISA than the CPU offers (`ONEDNN_MAX_CPU_ISA`: an emulated CPU)."""
-    used, widest = short_isa(), cpu_isa()
-    return used in ISA_RANK and widest in ISA_RANK and ISA_RANK[used] < ISA_RANK[widest]
-
 
 PLANS = ("default", "tune", "sample", "masked")  # how the sparse execution picks each block's path
 

@@ -84,14 +84,7 @@ def export_backbone(
     (`vdg.deploy.to_onnx`); returns {"onnx": path}. An existing file is refused unless `overwrite`. The gated
     network exports as its masked graph (every channel computed, then masked): ONNX cannot skip channels per sample.
     """
-    check_choice("format", output_format, FORMATS)
-    if execution is not None:
-        check_choice("execution", execution, EXECUTIONS)
-        if output_format == "onnx":
-            raise ConfigError(
-                f"execution={execution} is how load_backbone runs a format=torch export; an ONNX file runs in "
-                "onnxruntime as the graph it holds: leave execution unset with format=onnx"
-            )
+    check_format(output_format, execution)
     check_bool("slim", slim)
     check_choice("profile_split", profile_split, PROFILE_SPLITS)
     source = read_checkpoint(ckpt)  # read once: the method's weights and the provenance (epoch, step) come from it
@@ -154,6 +147,8 @@ def write_onnx_export(
     if profile is not None:
         metadata["slim"] = slim_record(profile, profile_split)
     check_writable(out, "out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out)  # temp files of killed exports
     network = BranchBackbone(encoder, branch, metadata, check_inputs=False).eval()
     export_onnx(network, path, int(model.cfg.dataset.image_size), metadata)
     return {"onnx": path}
@@ -256,6 +251,19 @@ def write_export(
     atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
 
 
+def check_format(output_format: Any, execution: Any) -> None:
+    """`format` and `execution` of an export: known values, and no execution for an ONNX file."""
+    check_choice("format", output_format, FORMATS)
+    if execution is None:
+        return
+    check_choice("execution", execution, EXECUTIONS)
+    if output_format == "onnx":
+        raise ConfigError(
+            f"execution={execution} is how load_backbone runs a format=torch export; an ONNX file runs in "
+            "onnxruntime as the graph it holds: leave execution unset with format=onnx"
+        )
+
+
 def check_export_config(cfg: Any) -> None:
     """Every option of scripts/export.py (configs/export.yaml), before the checkpoint is read: unknown keys,
     types and values are one `ConfigError` line naming the key and the allowed values."""
@@ -269,14 +277,7 @@ def check_export_config(cfg: Any) -> None:
         check_str(key, cfg.get(key), optional=True)
     check_bool("overwrite", cfg.overwrite)
     check_bool("slim", cfg.slim)
-    check_choice("format", cfg.format, FORMATS)
-    if cfg.execution is not None:
-        check_choice("execution", cfg.execution, EXECUTIONS)
-        if cfg.format == "onnx":
-            raise ConfigError(
-                f"execution={cfg.execution} is how load_backbone runs a format=torch export; an ONNX file runs in "
-                "onnxruntime as the graph it holds: leave execution unset with format=onnx"
-            )
+    check_format(cfg.format, cfg.execution)
     check_choice("profile_split", cfg.profile_split, PROFILE_SPLITS)
     check_data_overrides(cfg.get("data"))
 
