@@ -7,6 +7,7 @@ import importlib.util
 import io
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -248,6 +249,22 @@ def test_plain_progress_prints_steps_epochs_and_eta(tmp_path):
     assert re.search(r"epoch 1/2 step 2/4 loss \d+\.\d{4} \| \d+\.\d s/epoch \| ETA epoch 0:00:\d\d, run \d", steps[0])
     assert re.search(r"epoch 1/2 done in \d+\.\d s \| train/loss \d+\.\d{4} \| \d+\.\d s/epoch \| ETA ", epochs[0])
     assert epochs[1].startswith("[vdg] epoch 2/2 done") and epochs[1].endswith("ETA 0:00:00")
+
+
+def test_plain_progress_an_epoch_ended_but_not_started_here_is_resumed_not_timed():
+    # Lightning resumes a checkpoint written at an epoch's end by ending that epoch (validation, epoch-end hooks)
+    # without starting it; the line once said "done in 33608.5 s" (the time since perf_counter's origin)
+    stream = io.StringIO()
+    callback = PlainProgress(stream=stream)
+    trainer = SimpleNamespace(is_global_zero=True, max_epochs=30, current_epoch=9, callback_metrics={})
+    callback.on_train_epoch_end(trainer, None)
+    assert stream.getvalue() == "[vdg] epoch 10/30 done (resumed)\n" and callback.durations == []
+    callback.on_train_epoch_start(trainer, None)
+    trainer.current_epoch = 10
+    callback.on_train_epoch_end(trainer, None)
+    last = stream.getvalue().splitlines()[-1]
+    assert re.fullmatch(r"\[vdg\] epoch 11/30 done in 0\.0 s \| 0\.0 s/epoch \| ETA 0:00:00", last), last
+    assert len(callback.durations) == 1
 
 
 def test_plain_progress_stays_quiet_between_steps(tmp_path):

@@ -36,14 +36,16 @@ class PlainProgress(pl.Callback):
 
     loss: the total loss of the last step (SSL + gate + probe losses). s/epoch: the mean wall-clock time of the
     epochs finished in this process (validation included); before the first one, estimated from the steps.
-    ETA epoch: the rest of this epoch's training steps; run: the rest of the run at that pace.
+    ETA epoch: the rest of this epoch's training steps; run: the rest of the run at that pace. A run resumed from a
+    checkpoint written at an epoch's end finishes that epoch (its validation) without starting it: its line says
+    "resumed" and counts in no mean.
     """
 
     def __init__(self, every_n_steps: int = 50, stream: TextIO | None = None) -> None:
         self.every = max(int(every_n_steps), 1)
         self.stream = stream  # None: sys.stdout at print time (so redirections made later still apply)
         self.durations: list[float] = []
-        self._epoch_start = 0.0
+        self._epoch_start: float | None = None  # None: the current epoch was not started in this process
 
     def _print(self, line: str) -> None:
         print(f"[vdg] {line}", file=self.stream or sys.stdout, flush=True)
@@ -66,6 +68,8 @@ class PlainProgress(pl.Callback):
     ) -> None:
         if not trainer.is_global_zero or (batch_idx + 1) % self.every:
             return
+        if self._epoch_start is None:
+            return
         done, steps = batch_idx + 1, trainer.num_training_batches
         per_step = (time.perf_counter() - self._epoch_start) / done
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -84,19 +88,23 @@ class PlainProgress(pl.Callback):
         self._print(line)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        seconds = time.perf_counter() - self._epoch_start
-        self.durations.append(seconds)
+        started, self._epoch_start = self._epoch_start, None
+        seconds = None if started is None else time.perf_counter() - started
+        if seconds is not None:
+            self.durations.append(seconds)
         if not trainer.is_global_zero:
             return
         epochs = self._epochs(trainer)
         metrics = trainer.callback_metrics
         shown = [f"{key} {float(metrics[key]):.4f}" for key in ("train/loss", *EPOCH_METRICS) if key in metrics]
-        per_epoch = sum(self.durations) / len(self.durations)
-        line = f"epoch {trainer.current_epoch + 1}/{epochs or '?'} done in {seconds:.1f} s"
+        line = f"epoch {trainer.current_epoch + 1}/{epochs or '?'} "
+        line += "done (resumed)" if seconds is None else f"done in {seconds:.1f} s"
         line += (" | " + " ".join(shown)) if shown else ""
-        line += f" | {per_epoch:.1f} s/epoch"
-        if epochs is not None:
-            line += f" | ETA {_duration(per_epoch * (epochs - trainer.current_epoch - 1))}"
+        if self.durations:
+            per_epoch = sum(self.durations) / len(self.durations)
+            line += f" | {per_epoch:.1f} s/epoch"
+            if epochs is not None:
+                line += f" | ETA {_duration(per_epoch * (epochs - trainer.current_epoch - 1))}"
         self._print(line)
 
 
