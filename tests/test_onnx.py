@@ -97,6 +97,22 @@ def test_onnx_export_refuses_to_overwrite_and_refuses_an_execution(ckpt, tmp_pat
         export_backbone(ckpt, "dense", tmp_path, output_format="tflite")
 
 
+def test_a_graph_that_onnxruntime_runs_differently_is_never_written(ckpt, tmp_path, monkeypatch):
+    from vdg.deploy import to_onnx
+
+    real = to_onnx.compare
+    seen = []
+
+    def off_by_more_than_allowed(model, *args, **kwargs):
+        seen.append(type(model))
+        return {**real(model, *args, **kwargs), "max_rel_diff": 10 * CHECK_RTOL}
+
+    monkeypatch.setattr(to_onnx, "compare", off_by_more_than_allowed)
+    with pytest.raises(RuntimeError, match="differ from PyTorch's by 1.00e-03 .*not written to"):
+        export_backbone(ckpt, "dense", tmp_path, output_format="onnx")
+    assert seen == [bytes] and list(tmp_path.iterdir()) == []  # checked in memory, before any file
+
+
 def test_export_script_format_onnx_prints_the_file_and_its_check(ckpt, tmp_path, capsys):
     run_export_script(f"ckpt={ckpt}", "branch=dense", "format=onnx", f"out_dir={tmp_path}")
     captured = capsys.readouterr()
