@@ -267,6 +267,17 @@ def test_plain_progress_an_epoch_ended_but_not_started_here_is_resumed_not_timed
     assert len(callback.durations) == 1
 
 
+def test_the_epoch_timer_times_only_epochs_started_in_this_process():
+    from vdg.run.callbacks import EpochTimer
+
+    timer, module = EpochTimer(), SimpleNamespace(device=torch.device("cpu"))
+    timer.on_train_epoch_end(None, module)  # resumed at an epoch's end: ended here, started in another process
+    assert timer.durations == []
+    timer.on_train_epoch_start(None, module)
+    timer.on_train_epoch_end(None, module)
+    assert len(timer.durations) == 1 and 0 <= timer.durations[0] < 1
+
+
 def test_plain_progress_stays_quiet_between_steps(tmp_path):
     stream = io.StringIO()
     fit(tmp_path, False, [PlainProgress(every_n_steps=100, stream=stream)], epochs=1)
