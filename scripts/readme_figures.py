@@ -38,8 +38,18 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 def page_with(marker: str) -> Path:
     """The one page (README.md or docs/*.md) that holds a table's begin marker."""
-    (page,) = [p for p in PAGES if marker in p.read_text(encoding="utf-8")]
+    (page,) = pages_with(marker)
     return page
+
+
+def mini_block(page: Path) -> str:
+    """The mini table as `page` shows it: compact in the README (ours and the references), whole elsewhere."""
+    return readme_block(MINI_FIGURES, compact=page.name == "README.md")
+
+
+def pages_with(marker: str) -> list[Path]:
+    """Every page (README.md, docs/*.md) that holds a table's begin marker."""
+    return [p for p in PAGES if marker in p.read_text(encoding="utf-8")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mini", type=Path, default=None, help="a finished table1_mini sweep's folder")
     parser.add_argument("--check", action="store_true", help="only check the pages against docs/results/")
     args = parser.parse_args(argv)
-    quickstart, mini = page_with(BEGIN), page_with(README_BEGIN)
+    quickstart, minis = page_with(BEGIN), pages_with(README_BEGIN)
     if args.check:
-        quickstart_text, mini_text = quickstart.read_text(encoding="utf-8"), mini.read_text(encoding="utf-8")
-        same = (replace_table(quickstart_text, figures_table(FIGURES)) == quickstart_text
-                and replace_readme_block(mini_text, readme_block(MINI_FIGURES)) == mini_text)
+        quickstart_text = quickstart.read_text(encoding="utf-8")
+        same = replace_table(quickstart_text, figures_table(FIGURES)) == quickstart_text and all(
+            replace_readme_block(text, mini_block(page)) == text
+            for page, text in ((page, page.read_text(encoding="utf-8")) for page in minis))
         print("the pages match docs/results/" if same else "the pages differ from docs/results/")
         return 0 if same else 1
     if args.mini is not None:
@@ -60,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             copied = collect_sweep(args.mini, MINI_FIGURES)
         except FileNotFoundError as err:
             parser.error(str(err))
-        text = replace_readme_block(mini.read_text(encoding="utf-8"), readme_block(MINI_FIGURES))
-        mini.write_text(text, encoding="utf-8")
+        for page in minis:
+            page.write_text(replace_readme_block(page.read_text(encoding="utf-8"), mini_block(page)), encoding="utf-8")
         print(f"copied {len(copied)} files to {MINI_FIGURES.relative_to(REPO)}/ and rewrote the mini table in "
-              f"{mini.relative_to(REPO)}")
+              f"{', '.join(str(page.relative_to(REPO)) for page in minis)}")
         return 0
     try:
         copied = collect(args.run, FIGURES)

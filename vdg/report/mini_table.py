@@ -249,10 +249,15 @@ def collect_sweep(sweep_dir: str | Path, figures_dir: str | Path) -> list[Path]:
     return copied
 
 
-def readme_block(figures_dir: str | Path, name: str = "table1_mini") -> str:
-    """The README's block: the reduced-scale table rendered from the records in `figures_dir`, between markers."""
-    text = render_mini_markdown(build_mini_table(name, load_results(figures_dir)))
-    body = text.split("\n", 2)[2].rstrip("\n")  # without the "### title" line: the README gives its own heading
+def readme_block(figures_dir: str | Path, name: str = "table1_mini", compact: bool = False) -> str:
+    """A page's block: the reduced-scale table rendered from the records in `figures_dir`, between markers.
+    compact (the README's): ours and the reference rows only, without the scale notes and the paper's rows."""
+    table = build_mini_table(name, load_results(figures_dir))
+    if compact:
+        rows = [row for row in table.rows if not row[1].startswith("paper (full scale)")]
+        table = MiniTable(table.name, table.title, [], table.header, rows, table.matched, table.used)
+    text = render_mini_markdown(table)
+    body = text.split("\n", 2)[2].strip("\n")  # without the "### title" line: the page gives its own heading
     return f"{README_BEGIN}\n{body}\n{README_END}"
 
 
